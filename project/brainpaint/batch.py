@@ -1,0 +1,273 @@
+"""Fault-tolerant batch inference over a folder of BraTS cases.
+
+For every case: load and validate it, run the predictor, and write exactly one
+`<ID>-t1n-inference.nii.gz` flat in the output folder. The written volume is the voided input,
+bit for bit, outside the mask and the prediction inside it, in the input's on-disk dtype (rounded
+and clipped for integer types), with the input's affine and header.
+
+A bad case costs one line on stderr and never stops the others; the run ends with a summary
+table and a line such as "3 cases: 2 ok, 1 failed, 0 skipped", and the exit status is 1 if any
+case failed. The output folder receives predictions only (atomic writes, no logs); it is checked
+up front, so an unusable folder fails in one line before any work is done. Reports (uncertainty
+maps, QA PNGs) go to a separate `report_dir`.
+
+Sharding: with `shard="i/n"` the case folders, sorted by ID, are dealt round-robin and this run
+takes those with index k % n == i, so n independent processes cover every case exactly once.
+Without `shard`, a run under torchrun (RANK/WORLD_SIZE) takes shard RANK/WORLD_SIZE.
+
+Resuming: a case whose prediction already exists is skipped (unless `overwrite`); a temporary
+file left in the output folder by a killed run is removed when its case comes up again.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .brats_io import CaseData, CaseError, cast_to_dtype, discover_cases, load_case, prediction_name, warn, write_nifti_atomic
+from .config import Config
+from .harmonic import harmonic_fill
+
+
+@dataclass
+class Prediction:
+    volume: np.ndarray  # float32, input intensity scale, full grid; only voxels in the mask are used
+    std: Optional[np.ndarray] = None  # float32 uncertainty map (ensembles), or None
+    slices: int = 0  # number of slices processed
+
+
+Predictor = Callable[[CaseData, int], Prediction]
+
+
+class BatchSetupError(RuntimeError):
+    """The run as a whole cannot start (bad shard string, unusable folders)."""
+
+
+def case_seed(base_seed: int, case_id: str) -> int:
+    """A per-case seed that is the same in every process and on every machine (unlike `hash()`,
+    which is salted per process), so a case gives the same sample whichever shard runs it."""
+    digest = hashlib.sha256(f"{int(base_seed)}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
+    if shard is None or shard == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
+    if not match:
+        raise BatchSetupError(f"invalid shard '{shard}': expected i/n with 0 <= i < n, e.g. 0/4")
+    i, n = int(match.group(1)), int(match.group(2))
+    if n < 1 or i >= n:
+        raise BatchSetupError(f"invalid shard '{shard}': expected i/n with 0 <= i < n, e.g. 0/4")
+    return i, n
+
+
+def shard_from_environment() -> Optional[str]:
+    """Under torchrun (RANK/WORLD_SIZE set, more than one process) each rank takes its shard."""
+    world, rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
+    if world and rank and world.strip() not in ("", "1"):
+        return f"{rank.strip()}/{world.strip()}"
+    return None
+
+
+def in_shard(index: int, shard: Optional[tuple[int, int]]) -> bool:
+    return shard is None or index % shard[1] == shard[0]
+
+
+def harmonic_predictor(data: CaseData, seed: int) -> Prediction:
+    """The classical fill (deterministic; `seed` is unused)."""
+    volume = harmonic_fill(data.voided, data.mask)
+    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()))
+
+
+def make_predictor(cfg: Config) -> Predictor:
+    method = cfg.infer.method
+    if method == "harmonic":
+        return harmonic_predictor
+    if method == "diffusion":
+        from .inference import DiffusionInpainter
+
+        return DiffusionInpainter(cfg)
+    raise BatchSetupError(f"unknown infer.method '{method}' (expected 'diffusion' or 'harmonic')")
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Create the output folder if needed and prove it is writable, in one clear line if not.
+
+    Besides `os.access`, a probe file is created and removed: permissions are not the whole story
+    (read-only mounts, a file where a parent folder should be, running as root)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BatchSetupError(f"output folder {out_dir} cannot be created: a file is in the way")
+    except OSError as exc:
+        raise BatchSetupError(f"output folder {out_dir} cannot be created: {exc.strerror or exc}")
+    if not out_dir.is_dir():
+        raise BatchSetupError(f"output folder {out_dir} is not a folder")
+    if not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise BatchSetupError(f"output folder {out_dir} is not readable and writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".brainpaint-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BatchSetupError(f"output folder {out_dir} is not writable: {exc.strerror or exc}")
+
+
+def remove_stale_temporaries(out_dir: Path, case_id: str) -> None:
+    """Delete temporary files that a killed earlier run left for this case.
+
+    Only this run's cases are touched (shards never share a case), and a file whose writer
+    process is still alive on this machine is left alone."""
+    prefix = f".{prediction_name(case_id)}.tmp-"
+    for path in out_dir.glob(f"{glob.escape(prefix)}*"):
+        match = re.fullmatch(r"(\d+)(\.nii\.gz)?", path.name[len(prefix):])
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def compose_output(data: CaseData, prediction: Prediction) -> np.ndarray:
+    """The voided image exactly outside the mask, the prediction inside, in the on-disk dtype."""
+    volume = np.asarray(prediction.volume)
+    if volume.shape != data.mask.shape:
+        raise CaseError(data.id, f"predictor returned shape {volume.shape}, expected {data.mask.shape}")
+    inside = volume[data.mask]
+    if not np.all(np.isfinite(inside)):
+        raise CaseError(data.id, "predictor returned NaN/Inf inside the mask")
+    base = data.voided_disk if data.voided_disk is not None else cast_to_dtype(data.voided, data.dtype)
+    output = np.array(base, dtype=data.dtype, copy=True)
+    output[data.mask] = cast_to_dtype(inside, data.dtype)
+    return output
+
+
+def _write_reports(data: CaseData, output: np.ndarray, prediction: Prediction, report_dir: Path) -> None:
+    """Uncertainty map and QA picture; a failure here is a warning, the prediction stands."""
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        if prediction.std is not None:
+            write_nifti_atomic(prediction.std, data.header, data.affine, report_dir / f"{data.id}-std.nii.gz", np.float32)
+        from .report import write_qa_report
+
+        write_qa_report(data, output, report_dir / f"{data.id}-qa.png")
+    except Exception as exc:
+        warn(f"{data.id}: report not written: {type(exc).__name__}: {' '.join(str(exc).split())}")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def print_summary(rows: list[tuple[str, str, float, int]], stream=None) -> None:
+    stream = stream or sys.stderr
+    if rows:
+        width = max(len("case"), *(len(r[0]) for r in rows))
+        print(f"{'case':<{width}}  {'status':<7}  {'seconds':>8}  {'slices':>6}", file=stream)
+        for case_id, status, seconds, slices in rows:
+            print(f"{case_id:<{width}}  {status:<7}  {seconds:>8.1f}  {slices:>6d}", file=stream)
+    counts = {s: sum(1 for r in rows if r[1] == s) for s in ("ok", "failed", "skipped")}
+    print(
+        f"{len(rows)} cases: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped",
+        file=stream,
+    )
+
+
+def run_infer(
+    cfg: Config,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    shard: Optional[str] = None,
+    report_dir: Optional[str | Path] = None,
+    overwrite: bool = False,
+    predictor: Optional[Predictor] = None,
+) -> int:
+    """Inpaint every case under `data_dir` into `out_dir`; returns the process exit code
+    (0 all good, 1 some case failed, 2 the run could not start). `predictor` overrides
+    `make_predictor(cfg)` (tests, custom methods)."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    try:
+        if shard is None:
+            shard = shard_from_environment()
+        shard_ix = parse_shard(shard)
+        cases, errors = discover_cases(data_dir, labels=False)
+        check_output_dir(out_dir)
+        if report_dir is not None and Path(report_dir).resolve() == out_dir.resolve():
+            raise BatchSetupError("the report folder must differ from the output folder (predictions only there)")
+    except (BatchSetupError, OSError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+    # Bad folders take part in the sharding like good ones, so each is reported by one shard.
+    entries: list[tuple[str, object]] = sorted(
+        [(c.id, c) for c in cases] + [(e.case_id, e) for e in errors], key=lambda item: item[0]
+    )
+    entries = [item for k, item in enumerate(entries) if in_shard(k, shard_ix)]
+    if not entries:
+        print(f"warning: no cases found in {data_dir}" + (f" for shard {shard}" if shard else ""), file=sys.stderr)
+
+    rows: list[tuple[str, str, float, int]] = []
+    todo = []
+    for case_id, item in entries:
+        remove_stale_temporaries(out_dir, case_id)
+        if isinstance(item, CaseError):
+            print(f"error: {item}", file=sys.stderr)
+            rows.append((case_id, "failed", 0.0, 0))
+        elif not overwrite and (out_dir / prediction_name(case_id)).exists():
+            rows.append((case_id, "skipped", 0.0, 0))
+        else:
+            todo.append(item)
+
+    if todo and predictor is None:
+        try:
+            predictor = make_predictor(cfg)
+        except Exception as exc:
+            print(f"error: cannot set up infer.method '{cfg.infer.method}': {_one_line(exc)}", file=sys.stderr)
+            rows.extend((case.id, "failed", 0.0, 0) for case in todo)
+            todo = []
+
+    for case in todo:
+        start = time.perf_counter()
+        try:
+            data = load_case(case)
+            prediction = predictor(data, case_seed(cfg.infer.seed, case.id))
+            output = compose_output(data, prediction)
+            write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
+            if report_dir is not None:
+                _write_reports(data, output, prediction, Path(report_dir))
+            seconds = time.perf_counter() - start
+            rows.append((case.id, "ok", seconds, int(prediction.slices)))
+            print(f"{case.id}: ok ({seconds:.1f} s)", file=sys.stderr)
+        except CaseError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            rows.append((case.id, "failed", time.perf_counter() - start, 0))
+        except Exception as exc:  # a crash in one case must not stop the others
+            print(f"error: {case.id}: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+            rows.append((case.id, "failed", time.perf_counter() - start, 0))
+
+    rows.sort(key=lambda r: r[0])
+    print_summary(rows)
+    return 1 if any(r[1] == "failed" for r in rows) else 0

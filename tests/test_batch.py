@@ -1,0 +1,260 @@
+"""Batch inference: output contract, per-case fault tolerance, shards, output-folder checks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import synth
+from brainpaint.batch import Prediction, case_seed, compose_output, parse_shard, run_infer, BatchSetupError
+from brainpaint.brats_io import CaseError, discover_cases, load_case, prediction_name
+from brainpaint.config import Config
+
+HARMONIC = Config().override({"infer.method": "harmonic"})
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _read(path):
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), img
+
+
+def _check_output(data_root, out, cid):
+    voided, vimg = _read(data_root / cid / f"{cid}-t1n-voided.nii.gz")
+    mask = np.asanyarray(nib.load(str(data_root / cid / f"{cid}-mask.nii.gz")).dataobj).astype(bool)
+    pred, pimg = _read(out / prediction_name(cid))
+    assert pred.shape == voided.shape
+    assert pimg.get_data_dtype() == vimg.get_data_dtype() and pred.dtype == voided.dtype
+    np.testing.assert_allclose(pimg.affine, vimg.affine, atol=1e-4)
+    assert nib.aff2axcodes(pimg.affine) == nib.aff2axcodes(vimg.affine)
+    assert pred[~mask].tobytes() == voided[~mask].tobytes()  # bit-identical outside the mask
+    assert np.all(pred[mask] > 0)
+    return pred, mask
+
+
+def test_harmonic_batch_with_one_bad_case(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    synth.write_case(data, "case-a", seed=1, labels=False)
+    synth.write_case(data, "case-b", seed=2, labels=True, dtype=np.float32)
+    bad = synth.write_case(data, "case-c", seed=3, labels=False)
+    synth.save(synth.make_mask() * 3, bad / "case-c-mask.nii.gz", dtype=np.uint8)
+
+    code = run_infer(HARMONIC, data, out)
+
+    assert code == 1
+    assert _names(out) == [prediction_name("case-a"), prediction_name("case-b")]
+    for cid in ("case-a", "case-b"):
+        _check_output(data, out, cid)
+    err = capsys.readouterr().err
+    assert "error: case-c: case-c-mask.nii.gz is not binary (values other than 0/1: 3)" in err
+    assert err.rstrip().splitlines()[-1] == "3 cases: 2 ok, 1 failed, 0 skipped"
+    assert any(line.split()[:2] == ["case-c", "failed"] for line in err.splitlines())
+
+
+def test_harmonic_values_inside_the_mask_are_the_fill(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    synth.write_case(data, "x", labels=False, dtype=np.float32)
+    assert run_infer(HARMONIC, data, out) == 0
+    pred, mask = _check_output(data, out, "x")
+    from brainpaint.harmonic import harmonic_fill
+
+    voided = synth.make_brain() * (1 - synth.make_mask())
+    np.testing.assert_array_equal(pred[mask], harmonic_fill(voided, mask)[mask])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.uint8])
+def test_on_disk_dtype_is_kept(tmp_path, dtype):
+    data, out = tmp_path / "data", tmp_path / "out"
+    folder = synth.write_case(data, "x", labels=False, dtype=dtype)
+    if dtype == np.uint8:  # a brain that fits in uint8
+        vol = np.round(synth.make_brain() / 5) * (1 - synth.make_mask())
+        synth.save(vol, folder / "x-t1n-voided.nii.gz", dtype=np.uint8)
+    assert run_infer(HARMONIC, data, out) == 0
+    _check_output(data, out, "x")
+
+
+def test_prediction_is_rounded_and_clipped_to_the_dtype(tmp_path):
+    synth.write_case(tmp_path, "x", labels=False, dtype=np.int16)
+    data = load_case(discover_cases(tmp_path)[0][0])
+    volume = np.full(data.mask.shape, 1e9, np.float32)
+    volume[data.mask.nonzero()[0][0], data.mask.nonzero()[1][0], data.mask.nonzero()[2][0]] = 12.6
+    output = compose_output(data, Prediction(volume))
+    assert output.dtype == np.int16
+    inside = output[data.mask]
+    assert inside[0] == 13 and np.all(inside[1:] == 32767)
+    np.testing.assert_array_equal(output[~data.mask], data.voided_disk[~data.mask])
+
+
+def test_bad_prediction_is_a_case_error(tmp_path):
+    synth.write_case(tmp_path, "x", labels=False)
+    data = load_case(discover_cases(tmp_path)[0][0])
+    with pytest.raises(CaseError, match="x: predictor returned NaN/Inf inside the mask"):
+        compose_output(data, Prediction(np.full(data.mask.shape, np.nan, np.float32)))
+    with pytest.raises(CaseError, match="predictor returned shape"):
+        compose_output(data, Prediction(np.zeros((2, 2, 2), np.float32)))
+
+
+def test_a_crashing_predictor_does_not_stop_other_cases(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    for cid in ("a", "b", "c"):
+        synth.write_case(data, cid, labels=False)
+    seeds = {}
+
+    def predictor(case_data, seed):
+        seeds[case_data.id] = seed
+        if case_data.id == "b":
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+        return Prediction(case_data.voided + 1.0, slices=3)
+
+    assert run_infer(HARMONIC, data, out, predictor=predictor) == 1
+    assert _names(out) == [prediction_name("a"), prediction_name("c")]
+    err = capsys.readouterr().err
+    assert "error: b: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB" in err
+    assert seeds == {cid: case_seed(0, cid) for cid in ("a", "b", "c")}
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    synth.write_case(data, "a", labels=False)
+    synth.write_case(data, "b", labels=False)
+    assert run_infer(HARMONIC, data, out) == 0
+    stamp = os.stat(out / prediction_name("a")).st_mtime_ns
+    capsys.readouterr()
+    calls = []
+
+    def predictor(case_data, seed):
+        calls.append(case_data.id)
+        return Prediction(case_data.voided + 5.0)
+
+    (out / prediction_name("b")).unlink()
+    assert run_infer(HARMONIC, data, out, predictor=predictor) == 0
+    assert calls == ["b"] and os.stat(out / prediction_name("a")).st_mtime_ns == stamp
+    assert capsys.readouterr().err.rstrip().endswith("2 cases: 1 ok, 0 failed, 1 skipped")
+    assert run_infer(HARMONIC, data, out, overwrite=True, predictor=predictor) == 0
+    assert calls == ["b", "a", "b"]
+
+
+def test_stale_temporary_from_a_killed_run_is_removed(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    synth.write_case(data, "a", labels=False)
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".{prediction_name('a')}.tmp-{int(dead.stdout)}.nii.gz"
+    stale.write_bytes(b"partial")
+    assert run_infer(HARMONIC, data, out) == 0
+    assert _names(out) == [prediction_name("a")]
+
+
+def test_shards_partition_sorted_cases(tmp_path):
+    data = tmp_path / "data"
+    ids = ["c1", "c2", "c3", "c4", "c5"]
+    for cid in reversed(ids):
+        synth.write_case(data, cid, labels=False, radius=2)
+    seen = {}
+    for i in range(2):
+        run_infer(HARMONIC, data, tmp_path / f"o{i}", shard=f"{i}/2")
+        seen[i] = [n.split("-")[0] for n in _names(tmp_path / f"o{i}")]
+    assert seen == {0: ["c1", "c3", "c5"], 1: ["c2", "c4"]}
+
+
+@pytest.mark.parametrize("bad", ["2/2", "a/b", "1", "-1/2", "0/0", "1/2/3"])
+def test_invalid_shard_is_a_one_line_error(tmp_path, capsys, bad):
+    synth.write_case(tmp_path / "data", "a", labels=False)
+    assert run_infer(HARMONIC, tmp_path / "data", tmp_path / "out", shard=bad) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: invalid shard '{bad}': expected i/n with 0 <= i < n, e.g. 0/4\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_parse_shard():
+    assert parse_shard(None) is None and parse_shard("1/3") == (1, 3)
+    with pytest.raises(BatchSetupError):
+        parse_shard("3/3")
+
+
+def test_output_folder_blocked_by_a_file(tmp_path, capsys):
+    synth.write_case(tmp_path / "data", "a", labels=False)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    assert run_infer(HARMONIC, tmp_path / "data", tmp_path / "blocker" / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output folder") and "cannot be created" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_output_path_is_a_file(tmp_path, capsys):
+    synth.write_case(tmp_path / "data", "a", labels=False)
+    (tmp_path / "out").write_text("x")
+    assert run_infer(HARMONIC, tmp_path / "data", tmp_path / "out") == 2
+    assert "output folder" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_detected_by_the_probe(tmp_path, capsys, monkeypatch):
+    """A folder that passes os.access but refuses files (read-only mount): the probe catches it."""
+    synth.write_case(tmp_path / "data", "a", labels=False)
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert run_infer(HARMONIC, tmp_path / "data", tmp_path / "out") == 2
+    assert capsys.readouterr().err == f"error: output folder {tmp_path / 'out'} is not writable: Read-only file system\n"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores permission bits")
+def test_read_only_output_folder(tmp_path, capsys):
+    synth.write_case(tmp_path / "data", "a", labels=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert run_infer(HARMONIC, tmp_path / "data", out) == 2
+        assert "output folder" in capsys.readouterr().err
+    finally:
+        out.chmod(0o755)
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    assert run_infer(HARMONIC, tmp_path / "nope", tmp_path / "out") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_case_seed_is_stable_across_processes():
+    here = case_seed(7, "BraTS-GLI-00001-000")
+    code = "from brainpaint.batch import case_seed; print(case_seed(7, 'BraTS-GLI-00001-000'))"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert int(there.stdout) == here
+    assert here != case_seed(8, "BraTS-GLI-00001-000") and here != case_seed(7, "BraTS-GLI-00002-000")
+    assert 0 <= here < 2**32
+
+
+def test_report_dir_gets_std_maps_not_the_output_folder(tmp_path):
+    data, out, reports = tmp_path / "data", tmp_path / "out", tmp_path / "reports"
+    synth.write_case(data, "a", labels=False)
+
+    def predictor(case_data, seed):
+        return Prediction(case_data.voided + 1.0, std=np.full(case_data.voided.shape, 0.25, np.float32))
+
+    assert run_infer(HARMONIC, data, out, report_dir=reports, predictor=predictor) == 0
+    assert _names(out) == [prediction_name("a")]
+    std, img = _read(reports / "a-std.nii.gz")
+    assert std.dtype == np.float32 and np.all(std == 0.25)
+
+
+def test_cli_infer_harmonic(tmp_path):
+    from brainpaint.cli import app
+
+    synth.write_case(tmp_path / "data", "a", labels=False)
+    result = CliRunner().invoke(
+        app, ["infer", "--data-path", str(tmp_path / "data"), "--output-path", str(tmp_path / "out"), "--method", "harmonic"]
+    )
+    assert result.exit_code == 0, result.output
+    _check_output(tmp_path / "data", tmp_path / "out", "a")

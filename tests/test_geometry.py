@@ -1,0 +1,95 @@
+"""In-plane boxes: only background is cut; crops and pads invert exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brainpaint.brats_io import CaseError
+from brainpaint.geometry import box_size, crop, full_slice_box, mask_box, paste, patch_shape
+
+
+def _brain(x0, x1, y0, y1, shape=(240, 240, 4)):
+    vol = np.zeros(shape, np.float32)
+    vol[x0:x1, y0:y1, 1] = 1.0
+    return vol
+
+
+def test_centred_crop_when_the_brain_fits():
+    assert full_slice_box(_brain(30, 210, 20, 220)) == (slice(8, 232), slice(8, 232))
+
+
+def test_window_shifts_to_keep_an_off_centre_brain():
+    sx, sy = full_slice_box(_brain(0, 200, 35, 239))
+    assert (sx, sy) == (slice(0, 224), slice(15, 239))
+
+
+def test_brain_touching_the_grid_edge_within_size_is_kept():
+    sx, sy = full_slice_box(_brain(16, 240, 0, 224))
+    assert (sx, sy) == (slice(16, 240), slice(0, 224))
+
+
+def test_brain_too_wide_is_reported_not_cut():
+    with pytest.raises(CaseError) as info:
+        full_slice_box(_brain(5, 235, 30, 200), size=224, case_id="BraTS-GLI-00009-000")
+    msg = str(info.value)
+    assert msg.startswith("BraTS-GLI-00009-000: brain touches the crop border")
+    assert "230 voxels along x" in msg
+
+
+def test_mask_voxels_count_as_brain():
+    brain = _brain(10, 230, 40, 200)  # 220 wide: fits
+    union = brain.astype(bool)
+    union[2, 100, 1] = True  # mask reaching further out: 228 wide
+    with pytest.raises(CaseError, match="brain touches the crop border"):
+        full_slice_box(union, case_id="c")
+
+
+def test_small_grid_is_padded():
+    vol = np.zeros((48, 40, 5), np.float32)
+    vol[5:40, 5:35] = 1
+    box = full_slice_box(vol, size=64)
+    assert box == (slice(0, 48), slice(0, 40))
+    shape = patch_shape(box, size=64)
+    assert shape == (64, 64)
+    patch = crop(vol, box, shape)
+    assert patch.shape == (64, 64, 5) and patch[48:].sum() == 0 and patch[:, 40:].sum() == 0
+    back = paste(patch, box, np.zeros_like(vol))
+    np.testing.assert_array_equal(back, vol)
+
+
+def test_crop_paste_round_trip_on_full_grid():
+    rng = np.random.default_rng(0)
+    vol = rng.random((240, 240, 3)).astype(np.float32)
+    box = (slice(8, 232), slice(8, 232))
+    patch = crop(vol, box)
+    assert patch.shape == (224, 224, 3)
+    out = np.zeros_like(vol)
+    paste(patch, box, out)
+    np.testing.assert_array_equal(out[box], vol[box])
+    assert out[:8].sum() == 0
+
+
+def test_mask_box_contains_mask_with_margin_and_rounds_up():
+    mask = np.zeros((240, 240, 10), bool)
+    mask[100:130, 50:61, 3] = True  # 30 x 11
+    mask[105:110, 55:58, 7] = True
+    box = mask_box(mask, min_size=32, multiple=16, margin=8, shape=mask.shape)
+    w, h = box_size(box)
+    assert w == h == 48  # 30 + 2*8 = 46 -> 48
+    assert box[0].start <= 100 - 8 and box[0].stop >= 130 + 8
+    assert box[1].start <= 50 and box[1].stop >= 61
+
+
+def test_mask_box_min_size_and_grid_edge():
+    mask = np.zeros((240, 240, 4), bool)
+    mask[0:3, 236:240, 2] = True
+    box = mask_box(mask, min_size=64, multiple=16, margin=4, shape=mask.shape)
+    assert box == (slice(0, 64), slice(176, 240))
+
+
+def test_mask_box_on_a_small_grid_covers_it_and_pads():
+    mask = np.zeros((48, 48, 4), bool)
+    mask[20:30, 20:30, 1] = True
+    box = mask_box(mask, min_size=64, multiple=16, margin=4, shape=mask.shape)
+    assert box == (slice(0, 48), slice(0, 48))
+    assert patch_shape(box, size=64, multiple=16) == (64, 64)
