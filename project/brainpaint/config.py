@@ -77,6 +77,8 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     seed: int = 0
+    device: str = "auto"  # "auto" (this rank's GPU when available, else CPU), "cpu", "cuda:N"
+    val_steps: int = 20  # DDIM steps when sampling the validation slices
 
 
 @dataclass
@@ -85,7 +87,8 @@ class InferConfig:
     steps: int = 50  # 1000 with sampler=ddpm is the paper-faithful path
     eta: float = 0.0
     ensemble: int = 1  # samples averaged per case
-    batch_slices: int = 16
+    batch_slices: int = 16  # slices per network batch; 0 = all masked slices of a volume at once
+    crop_margin: int = 16  # voxels around the mask kept in the in-plane crop (models trained with data.crop_size)
     smoothing_sigma: float = 1.075  # 0 disables the Gaussian post-filter
     smoothing_border: int = 2  # voxels around the mask that the filter may touch
     repaint: bool = False  # RePaint-style known-region x_t mixing during sampling

@@ -1,0 +1,437 @@
+"""Training slices (x0, conditioning) from BraTS-layout cases, and the per-volume inputs
+shared with inference.
+
+The network sees one axial slice at a time: the conditioning `b` (the voided slice,
+normalised to [0, 1]; inside the mask either 0 -- the paper -- or a 3D harmonic fill),
+the mask `m`, optionally neighbouring `b`/`m` slices, and the noisy target `x_t`.
+`volume_inputs`, `slice_conditioning`, `encode_target` and `decode_sample` are the one
+place that defines those tensors, so training and inference cannot drift apart.
+
+For training, the ground truth is `t1n` and the region cut out is `mask-healthy`: the
+conditioning is `t1n` with the mask-healthy voxels set to 0 while the tumour stays
+visible, as in the paper. Each volume is decoded once per loader worker and kept in a
+small cache together with its (expensive) harmonic fill; `TrainStream` walks the pairs
+volume-group by volume-group so that the cache is hit, never thrashed.
+"""
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from .brats_io import CaseError, discover_cases, load_case
+from .intensity import IntensityMap
+
+PRIORS = ("none", "harmonic")
+
+
+# --------------------------------------------------------------------------- shared with inference
+@dataclass
+class VolumeInputs:
+    """Network-scale inputs of one (volume, mask): `b` and `mask` are float32 [X, Y, Z]."""
+
+    imap: IntensityMap
+    b: np.ndarray
+    mask: np.ndarray
+
+
+def _check_prior(prior: str) -> None:
+    if prior not in PRIORS:
+        raise ValueError(f"unknown data.prior '{prior}' (expected one of {', '.join(PRIORS)})")
+
+
+def volume_inputs(voided: np.ndarray, mask: np.ndarray, data_cfg) -> VolumeInputs:
+    """Normalise a voided volume and build the conditioning volume `b`.
+
+    The intensity map is fitted on the voided volume exactly as the official metric does,
+    so [0, 1] here is the metric's scale. With `prior="harmonic"` the region inside the mask
+    holds the 3D harmonic fill of the surrounding tissue instead of zeros, which turns the
+    network's job into predicting a residual texture rather than the whole region.
+    """
+    _check_prior(data_cfg.prior)
+    mask = np.asarray(mask, dtype=bool)
+    voided = np.asarray(voided, dtype=np.float32)
+    imap = IntensityMap.fit(voided)
+    if data_cfg.prior == "harmonic" and mask.any():
+        from .harmonic import harmonic_fill
+
+        b = imap.normalize(harmonic_fill(voided, mask))
+    else:
+        b = imap.normalize(voided)
+        b[mask] = 0.0
+    return VolumeInputs(imap=imap, b=np.ascontiguousarray(b, dtype=np.float32), mask=mask.astype(np.float32))
+
+
+def encode_target(gt_norm, b, prior: str):
+    """Ground truth in [0, 1] -> diffusion space x0 (numpy arrays or torch tensors).
+
+    "none": the whole slice mapped to [-1, 1] (the paper). "harmonic": twice the residual
+    over the fill, which is zero outside the mask because there `b` equals the ground truth.
+    """
+    _check_prior(prior)
+    if prior == "none":
+        return 2 * gt_norm - 1
+    return 2 * (gt_norm - b)
+
+
+def decode_sample(x0, b, prior: str):
+    """Inverse of `encode_target`: diffusion-space sample -> normalised image clipped to [0, 1]."""
+    _check_prior(prior)
+    if prior == "none":
+        out = (x0 + 1) / 2
+    else:
+        out = b + x0 / 2
+    return out.clip(0, 1)
+
+
+def crop2d(image: np.ndarray, box) -> np.ndarray:
+    """Cut the in-plane box (slice_x, slice_y) out of a [X, Y] image, zero outside the grid.
+
+    Boxes may reach past the grid (small volumes, crops near the edge); those parts are zero,
+    like the background they stand for.
+    """
+    sx, sy = box
+    out = np.zeros((sx.stop - sx.start, sy.stop - sy.start), dtype=np.float32)
+    x0, x1 = max(sx.start, 0), min(sx.stop, image.shape[0])
+    y0, y1 = max(sy.start, 0), min(sy.stop, image.shape[1])
+    if x1 > x0 and y1 > y0:
+        out[x0 - sx.start : x1 - sx.start, y0 - sy.start : y1 - sy.start] = image[x0:x1, y0:y1]
+    return out
+
+
+def slice_conditioning(vin: VolumeInputs, z: int, box, context_slices: int) -> np.ndarray:
+    """Conditioning channels of slice z: [b_z, m_z, b_{z-1}, m_{z-1}, b_{z+1}, m_{z+1}, ...].
+
+    Neighbours are ordered by distance (z-1, z+1, z-2, z+2, ...); beyond the volume edge they
+    are zeros. Every channel is cropped to `box`.
+    """
+    depth = vin.b.shape[2]
+    offsets = [0]
+    for k in range(1, context_slices + 1):
+        offsets += [-k, k]
+    channels = []
+    for off in offsets:
+        zz = z + off
+        if 0 <= zz < depth:
+            channels += [crop2d(vin.b[:, :, zz], box), crop2d(vin.mask[:, :, zz], box)]
+        else:
+            blank = np.zeros((box[0].stop - box[0].start, box[1].stop - box[1].start), np.float32)
+            channels += [blank, blank]
+    return np.stack(channels).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- training data
+@dataclass
+class _Unit:
+    """One (case, mask) training volume: k == 0 is mask-healthy, k >= 1 a generated mask."""
+
+    case_index: int
+    k: int
+    z_slices: tuple[int, ...]  # slices where this mask is non-empty
+
+
+@dataclass
+class _Prepared:
+    """A decoded unit restricted to the slices training can touch (mask slices +- context)."""
+
+    vin: VolumeInputs  # b and mask of slices z0 .. z0 + depth
+    gt: np.ndarray  # normalised ground truth, same slices
+    z0: int
+    full_box: Optional[tuple]  # whole-slice box (crop_size None), else None
+
+
+def _stable_seed(*parts) -> int:
+    """A seed that is the same in every process (unlike hash() of strings)."""
+    return zlib.crc32("/".join(str(p) for p in parts).encode())
+
+
+def _read_mask_slices(case) -> np.ndarray:
+    """Axial indices where mask-healthy is non-empty, reading only that (small) file."""
+    import nibabel as nib
+
+    path = case.files.get("mask_healthy")
+    if path is None:
+        raise CaseError(case.id, "no mask-healthy file (needed for training)")
+    try:
+        mask = np.asarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise CaseError(case.id, f"cannot read {Path(path).name}: {exc}") from exc
+    if mask.ndim != 3:
+        raise CaseError(case.id, f"mask-healthy must be 3D, got shape {mask.shape}")
+    return np.flatnonzero(mask.reshape(-1, mask.shape[2]).any(axis=0))
+
+
+def _load_generate_masks():
+    """brainpaint.masks.generate_masks, or None when that module is unavailable."""
+    try:
+        from .masks import generate_masks
+    except ImportError:
+        return None
+    return generate_masks
+
+
+class SliceDataset(Dataset):
+    """Training pairs (x0 [1,H,W], cond [C,H,W]) from BraTS-layout cases with labels.
+
+    A pair is (case, mask k, z) for every axial slice z where the mask is non-empty; mask 0
+    is the case's mask-healthy, masks 1..n are `data.extra_masks_per_volume` generated
+    healthy masks (brainpaint.masks, optional: skipped with a warning when unavailable).
+    Cases that cannot be used are collected in `.errors` (one-line CaseErrors) and skipped.
+
+    Decoded units live in an LRU cache of `data.cache_volumes` entries per process/worker;
+    `decode_count` counts decodes so benchmarks and tests can see the cache working.
+    """
+
+    def __init__(self, source, cfg, *, augment: bool = True, seed: int = 0, log=print):
+        _check_prior(cfg.data.prior)
+        self.cfg = cfg
+        self.augment = augment
+        self.seed = seed
+        self.log = log
+        if isinstance(source, (str, Path)):
+            self.cases, self.errors = discover_cases(Path(source), labels=True)
+        else:
+            self.cases, self.errors = list(source), []
+        self.cases = list(self.cases)
+        self.errors = list(self.errors)
+
+        n_extra = int(cfg.data.extra_masks_per_volume or 0)
+        generate = _load_generate_masks() if n_extra > 0 else None
+        if n_extra > 0 and generate is None:
+            log("warning: brainpaint.masks is unavailable; training without extra generated masks")
+            n_extra = 0
+        # Generated masks are kept as (bounding-box offset, cropped bool array): a few hundred KB each.
+        self._extra: dict[tuple[int, int], tuple[tuple[int, int, int], np.ndarray]] = {}
+        self.units: list[_Unit] = []
+        usable = []
+        for case in self.cases:
+            ci = len(usable)
+            try:
+                z_healthy = _read_mask_slices(case)
+            except CaseError as exc:
+                self.errors.append(exc)
+                continue
+            units = []
+            if len(z_healthy):
+                units.append(_Unit(ci, 0, tuple(int(z) for z in z_healthy)))
+            if n_extra:
+                try:
+                    units += self._generate_extra(case, ci, n_extra, generate)
+                except CaseError as exc:
+                    self.errors.append(exc)
+                    continue
+                except Exception as exc:  # e.g. no room for a mask in a small brain: keep mask-healthy
+                    log(f"warning: {case.id}: no extra masks ({type(exc).__name__}: {exc})")
+            usable.append(case)
+            self.units += units
+        self.cases = usable
+        self.pairs: list[tuple[int, int]] = [(u, z) for u, unit in enumerate(self.units) for z in unit.z_slices]
+        self._cache: OrderedDict[int, _Prepared] = OrderedDict()
+        self._bad_units: set[int] = set()
+        self.decode_count = 0
+        self._rng = random.Random(seed)
+
+    # ------------------------------------------------------------------ index
+    def _generate_extra(self, case, ci: int, n: int, generate) -> list[_Unit]:
+        data = load_case(case, labels=True)
+        # Keep clear of the tumour and of the case's own healthy mask; brain = non-zero tissue.
+        avoid = np.asarray(data.mask, bool) | np.asarray(data.mask_healthy, bool)
+        brain = (np.asarray(data.t1n) != 0) | avoid
+        masks = generate(brain, n, seed=_stable_seed(self.seed, case.id), avoid=avoid)
+        units = []
+        for k, mask in enumerate(masks, start=1):
+            mask = np.asarray(mask, bool)
+            nz = np.argwhere(mask)
+            if not len(nz):
+                continue
+            lo, hi = nz.min(0), nz.max(0) + 1
+            self._extra[(ci, k)] = (tuple(int(v) for v in lo), mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy())
+            units.append(_Unit(ci, k, tuple(range(int(lo[2]), int(hi[2])))))
+            # Slices inside the bounding box may still be empty for non-convex masks.
+            units[-1].z_slices = tuple(z for z in units[-1].z_slices if mask[:, :, z].any())
+        return units
+
+    def _extra_mask(self, ci: int, k: int, shape) -> np.ndarray:
+        (x, y, z), crop = self._extra[(ci, k)]
+        full = np.zeros(shape, bool)
+        full[x : x + crop.shape[0], y : y + crop.shape[1], z : z + crop.shape[2]] = crop
+        return full
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def channels(self) -> int:
+        return 2 + 4 * int(self.cfg.model.context_slices)
+
+    # ------------------------------------------------------------------ decoding
+    def prepared(self, unit_index: int) -> _Prepared:
+        """The decoded unit, from the cache or decoded now (then cached, LRU)."""
+        hit = self._cache.get(unit_index)
+        if hit is not None:
+            self._cache.move_to_end(unit_index)
+            return hit
+        entry = self._decode(unit_index)
+        self._cache[unit_index] = entry
+        while len(self._cache) > max(1, int(self.cfg.data.cache_volumes)):
+            self._cache.popitem(last=False)
+        return entry
+
+    def _decode(self, unit_index: int) -> _Prepared:
+        unit = self.units[unit_index]
+        case = self.cases[unit.case_index]
+        data = load_case(case, labels=True)
+        self.decode_count += 1
+        t1n = np.asarray(data.t1n, np.float32)
+        if unit.k == 0:
+            mask = np.asarray(data.mask_healthy, bool)
+        else:
+            mask = self._extra_mask(unit.case_index, unit.k, t1n.shape)
+        voided = np.where(mask, np.float32(0), t1n)
+        vin = volume_inputs(voided, mask, self.cfg.data)
+        gt = vin.imap.normalize(t1n)
+
+        full_box = None
+        if self.cfg.data.crop_size is None:
+            from .geometry import full_slice_box
+
+            # The same brain extent as inference uses (non-zero voided voxels or the mask).
+            size = int(self.cfg.data.slice_size)
+            box = full_slice_box((t1n != 0) | mask, size=size, case_id=case.id)
+            # On a grid smaller than the slice size the box is the whole axis: pad at the high end.
+            full_box = tuple(slice(s.start, s.start + max(size, s.stop - s.start)) for s in box)
+
+        ctx = int(self.cfg.model.context_slices)
+        z0 = max(min(unit.z_slices) - ctx, 0)
+        z1 = min(max(unit.z_slices) + ctx + 1, t1n.shape[2])
+        if not unit.z_slices or max(unit.z_slices) >= t1n.shape[2]:
+            raise CaseError(case.id, "mask-healthy does not match the image grid")
+        view = VolumeInputs(
+            imap=vin.imap,
+            b=np.ascontiguousarray(vin.b[:, :, z0:z1]),
+            mask=np.ascontiguousarray(vin.mask[:, :, z0:z1]),
+        )
+        return _Prepared(vin=view, gt=np.ascontiguousarray(gt[:, :, z0:z1], dtype=np.float32), z0=z0, full_box=full_box)
+
+    # ------------------------------------------------------------------ samples
+    def crop_box(self, mask2d: np.ndarray, rng: random.Random, jitter: bool = True) -> tuple[slice, slice]:
+        """A crop_size square containing the mask's centre, jittered within the crop's middle half."""
+        size = int(self.cfg.data.crop_size)
+        starts = []
+        for axis in (0, 1):
+            coords = np.flatnonzero(mask2d.any(axis=1 - axis))
+            centre = (coords.min() + coords.max()) / 2.0
+            shift = rng.uniform(-size / 4, size / 4) if jitter else 0.0
+            start = int(round(centre - size / 2 + shift))
+            extent = mask2d.shape[axis]
+            start = min(max(start, 0), extent - size) if extent >= size else 0  # pad at the high end
+            starts.append(start)
+        return slice(starts[0], starts[0] + size), slice(starts[1], starts[1] + size)
+
+    def sample(self, pair: tuple[int, int], rng: random.Random, augment: Optional[bool] = None) -> dict:
+        """x0 [1,H,W] (diffusion space) and cond [C,H,W] of one (unit, z) pair."""
+        augment = self.augment if augment is None else augment
+        unit_index, z = pair
+        entry = self.prepared(unit_index)
+        zl = z - entry.z0
+        if entry.full_box is not None:
+            box = entry.full_box
+        else:
+            box = self.crop_box(entry.vin.mask[:, :, zl] > 0, rng, jitter=augment)
+        cond = slice_conditioning(entry.vin, zl, box, int(self.cfg.model.context_slices))
+        x0 = encode_target(crop2d(entry.gt[:, :, zl], box), cond[0], self.cfg.data.prior)[None]
+        if augment and rng.random() < float(self.cfg.data.flip_prob):
+            # Left-right flip (first volume axis): brains are roughly symmetric, other flips are not.
+            cond, x0 = cond[:, ::-1], x0[:, ::-1]
+        return {
+            "x0": torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float32)),
+            "cond": torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32)),
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        return self.sample(self.pairs[index], self._rng)
+
+    def case_of(self, pair: tuple[int, int]) -> str:
+        return self.cases[self.units[pair[0]].case_index].id
+
+
+class TrainStream(IterableDataset):
+    """Endless shuffled stream of training samples, sharded over DDP ranks and loader workers.
+
+    The cases are dealt out once to the shards (rank x worker) with a seed shared by all of
+    them; each epoch a shard walks its own cases in a new order, in groups that fit the volume
+    cache, shuffling the pairs within a group. Every volume is thus decoded by a single worker,
+    at most once per epoch, and only once per run when the shard's cases fit in its cache. With fewer cases than shards, the pairs themselves are dealt out instead.
+    The stream never ends: training is counted in steps, and ranks never run out unevenly.
+    """
+
+    def __init__(self, dataset: SliceDataset, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not len(dataset):
+            raise ValueError("no training slices: no usable case has a non-empty mask")
+        self.dataset = dataset
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def _shard(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def shard_pairs(self, epoch: int, shard: int, n_shards: int) -> list[list[tuple[int, int]]]:
+        """The groups of pairs one shard visits in one epoch (each group fits the cache)."""
+        ds = self.dataset
+        order = list(range(len(ds.cases)))
+        # Cases are dealt to shards once (not per epoch): a shard whose cases all fit in its
+        # cache then decodes each of them only once for the whole run.
+        random.Random(_stable_seed(self.seed, "deal")).shuffle(order)
+        by_case: dict[int, list[tuple[int, int]]] = {}
+        for pair in ds.pairs:
+            by_case.setdefault(ds.units[pair[0]].case_index, []).append(pair)
+        order = [c for c in order if c in by_case]
+        local = random.Random(_stable_seed(self.seed, "shard", shard, epoch))
+        if len(order) >= n_shards:
+            mine = order[shard::n_shards]
+            local.shuffle(mine)
+            units_per_case = max(1, math.ceil(len(ds.units) / max(1, len(by_case))))
+            per_group = max(1, int(ds.cfg.data.cache_volumes) // units_per_case)
+            groups = []
+            for i in range(0, len(mine), per_group):
+                group = [p for c in mine[i : i + per_group] for p in by_case[c]]
+                local.shuffle(group)
+                groups.append(group)
+            return groups
+        pairs = [p for c in order for p in by_case[c]]
+        random.Random(_stable_seed(self.seed, "pairs", epoch)).shuffle(pairs)
+        mine = pairs[shard::n_shards] or [pairs[shard % len(pairs)]]
+        return [mine]
+
+    def __iter__(self) -> Iterator[dict]:
+        shard, n_shards = self._shard()
+        ds = self.dataset
+        epoch = 0
+        while True:
+            aug = random.Random(_stable_seed(self.seed, "augment", shard, epoch))
+            produced = 0
+            for group in self.shard_pairs(epoch, shard, n_shards):
+                for pair in group:
+                    if pair[0] in ds._bad_units:
+                        continue
+                    try:
+                        yield ds.sample(pair, aug)
+                    except CaseError as exc:
+                        ds._bad_units.add(pair[0])
+                        ds.log(f"warning: skipping {exc}")
+                        continue
+                    produced += 1
+            if produced == 0:
+                raise RuntimeError("every training case assigned to this loader failed to load")
+            epoch += 1

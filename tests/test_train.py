@@ -1,0 +1,304 @@
+"""Training loop: overfitting, checkpoints, kill-and-resume, SIGTERM, 2-process gloo DDP, export."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import synth
+from brainpaint.config import Config
+from brainpaint.dataset import SliceDataset
+from brainpaint.diffusion import GaussianDiffusion
+from brainpaint.train import (
+    EMA,
+    export_weights,
+    list_checkpoints,
+    load_model,
+    masked_ssim_psnr,
+    run_train,
+    save_checkpoint,
+)
+from brainpaint.unet import build_unet, network_channels
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model": {"preset": "tiny"},
+    "diffusion": {"steps": 100},
+    "data": {"crop_size": 16, "flip_prob": 0.5},
+    "train": {"batch_size": 4, "log_every": 1, "save_every": 2, "val_every": 0, "keep_last": 2, "ema_rate": 0.9},
+}
+
+
+def _cfg(**sections) -> Config:
+    data = {k: dict(v) for k, v in TINY.items()}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return Config.from_dict(data)
+
+
+def _log_rows(out: Path) -> list[dict]:
+    with (out / "train_log.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT / "project") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    synth.write_case(root, "case-a", seed=0, radius=4)
+    synth.write_case(root, "case-b", seed=1, radius=3)
+    return root
+
+
+# --------------------------------------------------------------------------- learning
+def test_overfits_one_case_and_exports_weights_that_learned(tmp_path):
+    root = tmp_path / "one"
+    synth.write_case(root, "only", seed=0, radius=4)
+    cfg = _cfg(
+        diffusion={"learn_sigma": False},
+        data={"flip_prob": 0.0},
+        train={"batch_size": 8, "lr": 2e-3, "max_steps": 60, "log_every": 10, "save_every": 1000},
+    )
+    out = tmp_path / "out"
+    assert run_train(cfg, root, out) == 0
+    mse = [float(r["mse"]) for r in _log_rows(out) if r["mse"]]
+    assert len(mse) == 6
+    assert mse[-1] < 0.25 * mse[0], mse
+
+    # The exported EMA network predicts the noise of the training slices far better than the
+    # freshly initialised one (same timesteps, same noise).
+    trained, saved_cfg = load_model(out / "model.safetensors")
+    fresh = build_unet(saved_cfg.model, *network_channels(saved_cfg))
+    ds = SliceDataset(root, saved_cfg, augment=False)
+    batch = [ds[i] for i in range(len(ds))]
+    x0 = torch.stack([b["x0"] for b in batch])
+    cond = torch.stack([b["cond"] for b in batch])
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 100, (len(batch),), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    diffusion = GaussianDiffusion(saved_cfg.diffusion)
+    with torch.no_grad():
+        after = diffusion.training_losses(trained, x0, cond, t=t, noise=noise)["mse"].item()
+        before = diffusion.training_losses(fresh, x0, cond, t=t, noise=noise)["mse"].item()
+    assert after < 0.3 * before, (before, after)
+
+
+def test_validation_writes_a_png_grid_and_metrics(tmp_path, data):
+    from PIL import Image
+
+    cfg = _cfg(train={"max_steps": 2, "val_every": 2, "val_slices": 3, "val_steps": 3, "save_every": 100})
+    out = tmp_path / "out"
+    assert run_train(cfg, data, out) == 0
+    png = out / "validation" / "step_00000002.png"
+    with Image.open(png) as im:
+        assert im.size == (4 * 16 + 3 * 2, 3 * 16 + 2 * 2)  # b | m | sample | truth, 3 slices
+    val = [r for r in _log_rows(out) if r["val_ssim"]]
+    assert [r["step"] for r in val] == ["2"]
+    assert -1 <= float(val[0]["val_ssim"]) <= 1 and float(val[0]["val_psnr"]) > 0
+
+
+def test_masked_psnr_matches_the_official_definition():
+    from inpainting.challenge_metrics_2023 import _peak_signal_noise_ratio
+
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.rand((2, 1, 16, 16), generator=gen)
+    pred = (truth + 0.1 * torch.randn(truth.shape, generator=gen)).clamp(0, 1)
+    mask = torch.zeros_like(truth)
+    mask[:, :, 4:12, 3:10] = 1
+    ssim, psnr = masked_ssim_psnr(pred, truth, mask)
+    inside = mask.bool()
+    official = _peak_signal_noise_ratio(truth[inside], pred[inside], data_range=(0, 1)).item()
+    assert psnr == pytest.approx(official, abs=1e-4)
+    assert 0 < ssim < 1
+    same_ssim, same_psnr = masked_ssim_psnr(truth, truth, mask)
+    assert same_ssim == pytest.approx(1.0, abs=1e-6) and same_psnr > 100
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoints_are_complete_pruned_and_partial_ones_ignored(tmp_path):
+    cfg = _cfg()
+    model = build_unet(cfg.model, *network_channels(cfg))
+    ema = EMA(model, 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, model, ema, opt, cfg, keep_last=2)
+    root = tmp_path / "checkpoints"
+    (root / "step_00000008").mkdir()  # an interrupted copy by other means: no state.pt
+    (root / "step_00000008" / "model.safetensors").write_bytes(b"")
+    (root / ".tmp-step_00000010-123").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
+    state = torch.load(root / "step_00000006" / "state.pt", weights_only=True)
+    assert state["step"] == 6 and state["config"]["model"]["preset"] == "tiny"
+
+
+def test_ema_update_is_the_exponential_average():
+    lin = torch.nn.Linear(2, 1)
+    ema = EMA(lin, 0.75)
+    before = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin)
+    torch.testing.assert_close(ema.state["weight"], 0.75 * before + 0.25 * (before + 1.0))
+
+
+def test_export_and_load_model_round_trip(tmp_path, data):
+    cfg = _cfg(model={"context_slices": 1}, data={"prior": "harmonic"}, train={"max_steps": 2})
+    out = tmp_path / "out"
+    assert run_train(cfg, data, out) == 0
+    ckpt = list_checkpoints(out)[-1]
+    target = export_weights(ckpt, tmp_path / "exported.safetensors")
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    assert load_file(str(target)).keys() == ema.keys()
+    with safe_open(str(target), "pt") as f:
+        meta = yaml.safe_load(f.metadata()["config"])
+    assert set(meta) == {"model", "diffusion", "data"} and meta["data"]["prior"] == "harmonic"
+
+    model, loaded = load_model(target)
+    assert loaded.model.context_slices == 1 and loaded.data.prior == "harmonic"
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, ema[name], rtol=0, atol=0)
+    x = torch.zeros(1, network_channels(loaded)[0], 16, 16)
+    assert model(x, torch.zeros(1, dtype=torch.long)).shape == (1, 2, 16, 16)
+    # the run's own export is the same file content
+    torch.testing.assert_close(load_file(str(out / "model.safetensors")), ema)
+
+
+def test_load_model_rejects_foreign_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="foreign.safetensors has no 'config' metadata"):
+        load_model(path)
+
+
+# --------------------------------------------------------------------------- failures
+def test_no_usable_case_is_one_line_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_train(_cfg(train={"max_steps": 1}), empty, tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no training slices in") and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_bad_case_is_skipped_but_reported_in_the_exit_code(tmp_path, data, capsys):
+    (data / "case-b" / "case-b-mask-healthy.nii.gz").write_bytes(b"broken")
+    out = tmp_path / "out"
+    assert run_train(_cfg(train={"max_steps": 2}), data, out) == 1
+    err = capsys.readouterr().err
+    assert "warning: skipping case case-b: cannot read case-b-mask-healthy.nii.gz" in err
+    assert (out / "model.safetensors").is_file()  # the good case still trained and exported
+    assert json.loads((out / "train_summary.json").read_text())["rejected_cases"][0].startswith("case-b:")
+
+
+def test_resume_with_another_network_is_refused(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    assert run_train(_cfg(train={"max_steps": 2}), data, out) == 0
+    assert run_train(_cfg(model={"base_channels": 8}, train={"max_steps": 4}), data, out) == 1
+    assert "was trained with model.base_channels=None, the parameters say 8" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- kill, resume, SIGTERM
+def _start(data: Path, out: Path, params: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "brainpaint", "train", "--data-path", str(data), "--output-path", str(out),
+           "--parameters-file", str(params)]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for training")
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_continues_at_the_checkpoint(tmp_path, data):
+    out = tmp_path / "out"
+    params = tmp_path / "params.yaml"
+    _cfg(train={"max_steps": 10_000}).save(params)
+    proc = _start(data, out, params)
+    _wait_for(lambda: len(list_checkpoints(out)) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+
+    ckpt = list_checkpoints(out)[-1]
+    k = int(ckpt.name.split("_")[1])
+    assert k >= 4 and k % 2 == 0
+    ema_k = load_file(str(ckpt / "ema.safetensors"))
+
+    # Resuming with max_steps == k trains nothing: the export is exactly the checkpoint's EMA.
+    cfg = _cfg(train={"max_steps": k})
+    assert run_train(cfg, data, out) == 0
+    torch.testing.assert_close(load_file(str(out / "model.safetensors")), ema_k, rtol=0, atol=0)
+
+    # Two more steps: the log continues at k+1 (rows of the killed run past k are dropped),
+    # and the optimizer state continued counting from k.
+    assert run_train(_cfg(train={"max_steps": k + 2}), data, out) == 0
+    steps = [int(r["step"]) for r in _log_rows(out) if r["loss"]]
+    assert steps == list(range(1, k + 3))
+    state = torch.load(list_checkpoints(out)[-1] / "state.pt", weights_only=True)
+    assert state["step"] == k + 2
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {k + 2}
+    assert not np.allclose(load_file(str(out / "model.safetensors"))["out.2.weight"], ema_k["out.2.weight"])
+
+
+def test_sigterm_writes_a_checkpoint_and_exports(tmp_path, data):
+    out = tmp_path / "out"
+    params = tmp_path / "params.yaml"
+    _cfg(train={"max_steps": 10_000, "save_every": 3}).save(params)
+    proc = _start(data, out, params)
+    _wait_for(lambda: len(list_checkpoints(out)) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert "SIGTERM" in err
+    final = json.loads((out / "train_summary.json").read_text())["step"]
+    assert final >= 3 and list_checkpoints(out)[-1].name == f"step_{final:08d}"
+    assert (out / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- DDP
+def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
+    root = tmp_path / "data"
+    for i in range(4):  # enough cases for each rank to get its own
+        synth.write_case(root, f"case-{i}", seed=i, radius=3)
+    out = tmp_path / "out"
+    params = tmp_path / "params.yaml"
+    _cfg(train={"max_steps": 3, "save_every": 100}).save(params)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "brainpaint", "train", "--data-path", str(root), "--output-path", str(out),
+           "--parameters-file", str(params)]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3
+    digests = summary["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert [int(r["step"]) for r in _log_rows(out) if r["loss"]] == [1, 2, 3]  # rank 0 logs alone
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000003"]
