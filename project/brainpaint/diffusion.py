@@ -1,0 +1,346 @@
+"""Gaussian diffusion (DDPM with learned-range variance), hybrid loss and samplers.
+
+Follows Ho et al. (2020) and Nichol & Dhariwal (2021, "improved DDPM"):
+
+- forward process ``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` with a linear (or
+  cosine) beta schedule, T = 1000 by default;
+- the network predicts the noise eps and, with ``learn_sigma``, a value ``v`` in [-1, 1] that
+  interpolates the log variance between the posterior variance ``beta~_t`` and ``beta_t``;
+- hybrid loss ``L = L_simple + lambda * L_vlb``. ``L_simple`` is the MSE on eps; the VB term
+  is the KL between the true posterior and the model's reverse step, in bits per dimension,
+  with the model mean detached so the VB term only trains the variance. ``L_vlb`` is
+  estimated from the single uniformly drawn t as ``T * L_t``, so the VB term added to the
+  loss is ``lambda * T * L_t`` (identical to improved DDPM's ``L_t * T / 1000`` for
+  lambda = 0.001). At t = 0 improved DDPM uses a discretised decoder for 8-bit images; MRI
+  intensities are continuous, so the t = 0 term here is the continuous Gaussian negative
+  log-likelihood of x_0 (in bits; it can be negative since it is a density);
+- sampling on a respaced subset of timesteps ("space_timesteps"): the kept timesteps keep
+  their ``abar``, betas are recomputed from consecutive kept ``abar``s, and the network still
+  sees the original timestep indices. Both ancestral DDPM sampling with the learned variance
+  and DDIM (configurable eta) use it; ``ddpm`` with all 1000 steps is the published sampler.
+
+Everything runs in "diffusion space": tensors [B, 1, H, W], roughly in [-1, 1]. The network is
+called as ``model(torch.cat([cond, x_t], 1), t)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+NoiseFn = Callable[[tuple, Optional[torch.Generator]], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- schedules
+def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """Beta schedule (float64).
+
+    ``linear``: ``beta_start..beta_end`` are the values for T = 1000 and are scaled by
+    ``1000 / T`` (as in improved DDPM) so a shorter chain still ends in near-pure noise.
+    ``cosine``: the improved-DDPM cosine schedule (``beta_start``/``beta_end`` unused).
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"diffusion.steps must be positive, got {num_timesteps}")
+    if schedule == "linear":
+        scale = 1000.0 / num_timesteps
+        return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+    if schedule == "cosine":
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return np.array(
+            [min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), 0.999) for i in range(num_timesteps)],
+            dtype=np.float64,
+        )
+    raise ValueError(f"unknown beta schedule '{schedule}' (choose linear or cosine)")
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """``steps`` timesteps of ``range(num_timesteps)``, evenly spaced, always keeping 0 and T-1."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"cannot sample with {steps} steps from a {num_timesteps}-step diffusion")
+    if steps == 1:
+        return np.array([num_timesteps - 1])
+    kept = np.unique(np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64))
+    assert len(kept) == steps  # evenly spaced integers are distinct when steps <= T
+    return kept
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def gaussian_nll(x, mean, logvar) -> torch.Tensor:
+    """Negative log density of x under N(mean, e^logvar) elementwise, in nats."""
+    return 0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def default_noise(shape: tuple, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (CPU without a generator)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- diffusion
+class GaussianDiffusion:
+    """Forward process, training loss and samplers for one beta schedule.
+
+    Construct from a DiffusionConfig; :meth:`respaced` derives the same process on a subset of
+    timesteps (used by :meth:`sample`).
+    """
+
+    def __init__(self, diff_cfg=None, *, betas: Optional[np.ndarray] = None, timestep_map=None):
+        if betas is None:
+            if diff_cfg is None:
+                raise ValueError("GaussianDiffusion needs a DiffusionConfig or betas")
+            betas = make_betas(diff_cfg.beta_schedule, int(diff_cfg.steps), diff_cfg.beta_start, diff_cfg.beta_end)
+        self.cfg = diff_cfg
+        self.learn_sigma = bool(getattr(diff_cfg, "learn_sigma", True))
+        self.lambda_vlb = float(getattr(diff_cfg, "lambda_vlb", 1e-3))
+
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or (betas <= 0).any() or (betas > 1).any():
+            raise ValueError("betas must be a 1-D array in (0, 1]")
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        # Original timestep index of each (possibly respaced) step: what the network sees.
+        self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+        # Posterior q(x_{t-1} | x_t, x_0): beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t.
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta~_0 = 0: clip the log at t=0 to beta~_1 (only used as a variance bound).
+        first = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self._respaced: dict[int, GaussianDiffusion] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """arr[t] as a tensor broadcastable to ``like`` ([B, 1, 1, ...]), in ``like``'s dtype
+        unless ``dtype`` is given (the schedule itself is float64)."""
+        out = torch.as_tensor(arr, device=t.device)[t.long()].to(dtype or like.dtype)
+        return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def respaced(self, steps: int) -> "GaussianDiffusion":
+        """The same process restricted to ``steps`` evenly spaced timesteps.
+
+        The kept timesteps keep their ``abar``; betas are recomputed as
+        ``1 - abar_k / abar_{previous kept}``.
+        """
+        if steps == self.num_timesteps:
+            return self
+        if steps not in self._respaced:
+            kept = space_timesteps(self.num_timesteps, steps)
+            acp = self.alphas_cumprod[kept]
+            betas = 1.0 - acp / np.append(1.0, acp[:-1])
+            self._respaced[steps] = GaussianDiffusion(self.cfg, betas=betas, timestep_map=self.timestep_map[kept])
+        return self._respaced[steps]
+
+    # ------------------------------------------------------------------ forward process
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return self._extract(self.sqrt_alphas_cumprod, t, x0) * x0 + self._extract(
+            self.sqrt_one_minus_alphas_cumprod, t, x0
+        ) * noise
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._extract(self.posterior_mean_coef1, t, xt) * x0 + self._extract(self.posterior_mean_coef2, t, xt) * xt
+        var = self._extract(self.posterior_variance, t, xt)
+        log_var = self._extract(self.posterior_log_variance_clipped, t, xt)
+        return mean, var, log_var
+
+    def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return self._extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._extract(
+            self.sqrt_recipm1_alphas_cumprod, t, xt
+        ) * eps
+
+    def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / self._extract(
+            self.sqrt_recipm1_alphas_cumprod, t, xt
+        )
+
+    # ------------------------------------------------------------------ reverse process
+    def _split_output(self, out: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        expected = 2 * xt.shape[1] if self.learn_sigma else xt.shape[1]
+        if out.shape[1] != expected:
+            raise ValueError(
+                f"the network outputs {out.shape[1]} channels but the diffusion expects {expected} "
+                f"(learn_sigma={self.learn_sigma})"
+            )
+        if self.learn_sigma:
+            eps, v = out.chunk(2, dim=1)
+            return eps, v
+        return out, None
+
+    def p_mean_variance_from_output(
+        self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: Union[bool, float] = True
+    ) -> dict[str, torch.Tensor]:
+        """Reverse-step mean, log variance, predicted x0 and eps from the raw network output."""
+        out = out.float()
+        eps, v = self._split_output(out, xt)
+        if v is not None:
+            # Learned range: v in [-1, 1] interpolates log beta~_t (v=-1) and log beta_t (v=+1).
+            min_log = self._extract(self.posterior_log_variance_clipped, t, xt)
+            max_log = self._extract(np.log(self.betas), t, xt)
+            frac = (v + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+        else:
+            # Fixed variance: the posterior variance beta~_t (clipped at t=0).
+            log_var = self._extract(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
+        x0 = self.predict_x0_from_eps(xt, t, eps)
+        if clip_denoised is not False and clip_denoised is not None:
+            bound = 1.0 if clip_denoised is True else float(clip_denoised)
+            x0 = x0.clamp(-bound, bound)
+            eps = self.predict_eps_from_x0(xt, t, x0)
+        mean, _, _ = self.q_posterior_mean_variance(x0, xt, t)
+        return {"mean": mean, "log_variance": log_var, "pred_x0": x0, "eps": eps}
+
+    def _model_output(self, model: nn.Module, cond: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        model_t = torch.as_tensor(self.timestep_map, device=t.device)[t.long()]
+        return model(torch.cat([cond, xt.to(cond.dtype)], dim=1), model_t)
+
+    # ------------------------------------------------------------------ training
+    def training_losses(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        cond: torch.Tensor,
+        t: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Hybrid loss for one batch: dict(loss, mse, vb) of scalar batch means.
+
+        ``t`` defaults to uniform timesteps, ``noise`` to standard normal noise.
+        """
+        b = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (b,), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise)
+        out = self._model_output(model, cond, xt, t).float()
+        eps, v = self._split_output(out, xt)
+        mse = _mean_flat((noise - eps) ** 2)
+        if v is not None:
+            # Detach the mean: the VB term only shapes the variance (improved DDPM).
+            frozen = torch.cat([eps.detach(), v], dim=1)
+            vb = self._vb_bits(frozen, x0, xt, t) * (self.lambda_vlb * self.num_timesteps)
+        else:
+            vb = torch.zeros_like(mse)
+        loss = mse + vb
+        return {"loss": loss.mean(), "mse": mse.mean(), "vb": vb.mean()}
+
+    def _vb_bits(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample L_t in bits per dimension: KL for t > 0, Gaussian decoder NLL at t = 0."""
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
+        pred = self.p_mean_variance_from_output(out, xt, t, clip_denoised=False)
+        kl = _mean_flat(normal_kl(true_mean, true_log_var, pred["mean"], pred["log_variance"])) / math.log(2.0)
+        nll = _mean_flat(gaussian_nll(x0, pred["mean"], pred["log_variance"])) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.inference_mode()
+    def sample(
+        self,
+        model: nn.Module,
+        cond: torch.Tensor,
+        *,
+        sampler: str = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        noise_fn: Optional[NoiseFn] = None,
+        known: Optional[torch.Tensor] = None,
+        known_mask: Optional[torch.Tensor] = None,
+        clip_denoised: Union[bool, float] = True,
+        progress: bool = False,
+        autocast: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        """Draw x_0 [B, 1, H, W] (diffusion space) given the conditioning ``cond`` [B, C, H, W].
+
+        - ``sampler``: ``"ddpm"`` (ancestral, learned variance) or ``"ddim"`` (``eta`` = 0 is
+          deterministic given the initial noise); both on ``steps`` respaced timesteps.
+        - ``generator``: makes the draw reproducible; noise is drawn on the generator's device
+          and moved to ``cond``'s device, so a CPU generator gives the same noise everywhere.
+        - ``noise_fn(shape, generator)``: replaces the standard normal draws (e.g. noise
+          correlated along the batch axis = neighbouring slices).
+        - ``known``/``known_mask`` (RePaint-style): before every step, x_t is replaced by
+          ``q_sample(known, t)`` where ``known_mask`` is 1.
+        - ``clip_denoised``: clamp the predicted x_0 to [-1, 1] (or to +-value for a float).
+        - ``autocast``: dtype for the network under autocast (e.g. torch.bfloat16 on CUDA);
+          the diffusion arithmetic stays float32.
+        """
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler '{sampler}' (choose ddpm or ddim)")
+        if (known is None) != (known_mask is None):
+            raise ValueError("known and known_mask must be given together")
+        device = cond.device
+        draw = noise_fn or default_noise
+
+        def noise(shape):
+            return draw(tuple(shape), generator).to(device=device, dtype=torch.float32)
+
+        spaced = self.respaced(int(steps))
+        b, _, h, w = cond.shape
+        shape = (b, 1, h, w)
+        if known is not None:
+            known = known.to(device=device, dtype=torch.float32)
+            known_mask = known_mask.to(device=device, dtype=torch.float32)
+        amp = (
+            torch.autocast(device_type=device.type, dtype=autocast)
+            if autocast is not None
+            else contextlib.nullcontext()
+        )
+
+        x = noise(shape)
+        indices = list(range(spaced.num_timesteps))[::-1]
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc=f"{sampler} sampling", leave=False)
+        for i in indices:
+            t = torch.full((b,), i, device=device, dtype=torch.long)
+            if known is not None:
+                x = known_mask * spaced.q_sample(known, t, noise(shape)) + (1 - known_mask) * x
+            with amp:
+                out = spaced._model_output(model, cond, x, t)
+            pred = spaced.p_mean_variance_from_output(out, x, t, clip_denoised)
+            if sampler == "ddpm":
+                x = pred["mean"]
+                if i > 0:
+                    x = x + torch.exp(0.5 * pred["log_variance"]) * noise(shape)
+            else:
+                x = spaced._ddim_step(pred, x, t, eta, noise if (eta > 0 and i > 0) else None)
+        return x
+
+    def _ddim_step(self, pred: dict, xt: torch.Tensor, t: torch.Tensor, eta: float, noise) -> torch.Tensor:
+        """x_{t-1} from the predicted x_0 and eps (Song et al. 2021, eq. 12)."""
+        # Coefficients in float64: 1 - abar is tiny near t = 0.
+        abar = self._extract(self.alphas_cumprod, t, xt, torch.float64)
+        abar_prev = self._extract(self.alphas_cumprod_prev, t, xt, torch.float64)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        dir_coef = torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0))
+        f32 = lambda c: c.to(xt.dtype)  # noqa: E731
+        x = pred["pred_x0"] * f32(torch.sqrt(abar_prev)) + f32(dir_coef) * pred["eps"]
+        if noise is not None:
+            x = x + f32(sigma) * noise(xt.shape)
+        return x
