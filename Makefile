@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: setup demo test smoke clean
+
+$(BIN)/brainpaint: requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(BIN)/brainpaint
+
+# Inference with the shipped weights on the two shipped demo cases, then the official metrics.
+demo: setup
+	$(BIN)/brainpaint infer --data-path workspace/data --output-path workspace/predictions \
+		--parameters-file workspace/parameters.yaml
+	$(BIN)/brainpaint evaluate --predictions workspace/predictions --labels workspace/labels \
+		--output-file workspace/metrics/demo_metrics.csv --parameters-file workspace/parameters.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Real container: private dockerd, debootstrap base image, mlcube infer/evaluate (see docs/MLCUBE.md).
+smoke: setup
+	bash scripts/container_smoke.sh
+
+clean:
+	rm -rf workspace/predictions workspace/metrics
