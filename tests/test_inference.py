@@ -1,0 +1,203 @@
+"""DiffusionInpainter with a tiny randomly initialised network: geometry, known voxels,
+determinism, ensembles, samplers, post-filter, and `brainpaint infer` end to end."""
+from __future__ import annotations
+
+import dataclasses
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from brainpaint.brats_io import discover_cases, load_case
+from brainpaint.config import Config
+from brainpaint.inference import (
+    DiffusionInpainter,
+    InferenceSetupError,
+    resolve_device,
+    resolve_weights,
+    smooth_in_mask,
+)
+
+import synth
+
+torch.set_num_threads(1)
+
+CASE = "BraTS-GLI-00007-000"
+
+
+def write_weights(path, *, slice_size=48, crop_size=None, prior="none", context_slices=0, seed=0):
+    """A tiny U-Net with random weights in the shipped weights-file format."""
+    from brainpaint.unet import build_unet, network_channels
+
+    cfg = Config.from_dict(
+        {
+            "model": {"preset": "tiny", "context_slices": context_slices},
+            "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior},
+        }
+    )
+    torch.manual_seed(seed)
+    model = build_unet(cfg.model, *network_channels(cfg))
+    with torch.no_grad():  # zero-initialised output layers would make eps == 0 everywhere
+        for p in model.parameters():
+            if not p.detach().abs().sum():
+                p.normal_(0.0, 0.05)
+    from brainpaint.train import model_config_yaml
+
+    meta = model_config_yaml(cfg)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"config": meta})
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return write_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def case_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    synth.write_case(root, CASE, seed=1, labels=False, radius=4, centre=(24, 22, 9))
+    cases, errors = discover_cases(root)
+    assert not errors
+    return load_case(cases[0])
+
+
+def make(weights, **infer):
+    base = {"weights": str(weights), "device": "cpu", "steps": 3, "sampler": "ddim"}
+    base.update(infer)
+    return DiffusionInpainter(Config.from_dict({"infer": base}))
+
+
+def test_prediction_geometry_and_known_voxels(weights, case_data):
+    pred = make(weights)(case_data, seed=5)
+    mask = case_data.mask
+    assert pred.volume.shape == case_data.voided.shape and pred.volume.dtype == np.float32
+    assert pred.slices == int(mask.any(axis=(0, 1)).sum())
+    np.testing.assert_array_equal(pred.volume[~mask], case_data.voided[~mask])
+    # The fill is in the input intensity scale: inside the metric's [lo, hi] window.
+    lo, hi = np.percentile(case_data.voided, [0.5, 99.5])
+    assert pred.volume[mask].min() >= max(lo, 0) - 1e-3 and pred.volume[mask].max() <= hi + 1e-3
+    assert pred.volume[mask].std() > 0
+    assert pred.std is None
+
+
+def test_seed_determinism(weights, case_data):
+    inpainter = make(weights, sampler="ddpm", steps=4)
+    a = inpainter(case_data, seed=11).volume
+    b = make(weights, sampler="ddpm", steps=4)(case_data, seed=11).volume
+    c = inpainter(case_data, seed=12).volume
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[case_data.mask], c[case_data.mask])
+
+
+def test_ensemble_mean_and_std(weights, case_data):
+    single = make(weights, smoothing_sigma=0)(case_data, seed=3)
+    pred = make(weights, ensemble=3, smoothing_sigma=0)(case_data, seed=3)
+    mask = case_data.mask
+    assert pred.std is not None and pred.std.shape == mask.shape
+    assert np.all(pred.std[~mask] == 0) and pred.std[mask].mean() > 0
+    # Member 0 of the ensemble is the single sample with the same seed; averaging changes the fill.
+    assert not np.array_equal(pred.volume[mask], single.volume[mask])
+    np.testing.assert_array_equal(pred.volume[~mask], case_data.voided[~mask])
+
+
+def test_batching_does_not_change_independent_slices(weights, case_data):
+    one_batch = make(weights, batch_slices=0, noise_correlation=1.0)(case_data, seed=2).volume
+    per_slice = make(weights, batch_slices=1, noise_correlation=1.0)(case_data, seed=2).volume
+    # Fully shared noise: each slice sees the same noise sequence however slices are batched.
+    np.testing.assert_allclose(one_batch, per_slice, atol=1e-3)
+
+
+def test_ddpm_repaint_and_correlated_noise_run(weights, case_data):
+    pred = make(weights, sampler="ddpm", steps=5, repaint=True, noise_correlation=0.5, eta=1.0)(case_data, seed=1)
+    assert np.isfinite(pred.volume).all()
+    np.testing.assert_array_equal(pred.volume[~case_data.mask], case_data.voided[~case_data.mask])
+
+
+def test_padding_small_grid_and_crop_models(tmp_path, case_data):
+    # A 40x44 grid with a 48-pixel model: slices are zero-padded past the grid and cut back.
+    w48 = write_weights(tmp_path / "w48.safetensors", slice_size=48, prior="harmonic", context_slices=1)
+    small = dataclasses.replace(
+        case_data, voided=case_data.voided[4:44, 2:46].copy(), mask=case_data.mask[4:44, 2:46].copy()
+    )
+    inpainter = make(w48)
+    box = inpainter.slice_box(small)
+    assert (box[0].stop - box[0].start, box[1].stop - box[1].start) == (48, 48)
+    pred = inpainter(small, seed=0)
+    assert pred.volume.shape == small.voided.shape
+    np.testing.assert_array_equal(pred.volume[~small.mask], small.voided[~small.mask])
+
+    wcrop = write_weights(tmp_path / "wcrop.safetensors", crop_size=16)
+    crop = make(wcrop, crop_margin=2)
+    sx, sy = crop.slice_box(case_data)
+    assert sx.stop - sx.start >= 16 and (sx.stop - sx.start) % 2 == 0
+    assert case_data.mask[sx, sy].sum() == case_data.mask.sum()  # the whole mask is in the crop
+    pred = crop(case_data, seed=0)
+    np.testing.assert_array_equal(pred.volume[~case_data.mask], case_data.voided[~case_data.mask])
+
+
+def test_smoothing_only_in_region_and_exact():
+    rng = np.random.default_rng(0)
+    vol = rng.random((30, 30, 20)).astype(np.float32)
+    mask = np.zeros(vol.shape, bool)
+    mask[10:14, 12:15, 0:4] = True  # touches the volume edge in z
+    out = smooth_in_mask(vol, mask, sigma=1.075, border=2)
+    region = ndimage.binary_dilation(mask, iterations=2)
+    np.testing.assert_array_equal(out[~region], vol[~region])
+    full = ndimage.gaussian_filter(vol, 1.075)
+    np.testing.assert_allclose(out[region], full[region], rtol=0, atol=1e-6)
+    assert smooth_in_mask(vol, mask, sigma=0, border=2) is vol
+
+
+def test_setup_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("BRAINPAINT_WEIGHTS", raising=False)
+    with pytest.raises(InferenceSetupError, match="weights file not found") as err:
+        resolve_weights(str(tmp_path / "absent.safetensors"))
+    assert "\n" not in str(err.value)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert resolve_weights(str(tmp_path)) == tmp_path / "model.safetensors"
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(InferenceSetupError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(InferenceSetupError, match="infer.sampler"):
+        DiffusionInpainter(Config.from_dict({"infer": {"sampler": "euler"}}))
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_bytes(b"not a weights file")
+    with pytest.raises(InferenceSetupError, match="cannot load weights"):
+        DiffusionInpainter(Config.from_dict({"infer": {"weights": str(garbage), "device": "cpu"}}))
+
+
+def test_cli_end_to_end_with_report(tmp_path, weights):
+    from brainpaint.cli import app
+
+    data = tmp_path / "data"
+    ids = ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+    for k, cid in enumerate(ids):
+        synth.write_case(data, cid, seed=k, labels=False, radius=3 + k, centre=(24, 24, 10))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"infer": {"steps": 2, "ensemble": 2, "save_std": True, "qa_report": True}}))
+    out, reports = tmp_path / "pred", tmp_path / "reports"
+    result = CliRunner().invoke(
+        app,
+        ["infer", "--data-path", str(data), "--output-path", str(out), "--parameters-file", str(params),
+         "--weights", str(weights), "--device", "cpu", "--report-path", str(reports)],
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [f"{cid}-t1n-inference.nii.gz" for cid in ids]
+    for cid in ids:
+        src = nib.load(str(data / cid / f"{cid}-t1n-voided.nii.gz"))
+        mask = np.asanyarray(nib.load(str(data / cid / f"{cid}-mask.nii.gz")).dataobj).astype(bool)
+        pred = nib.load(str(out / f"{cid}-t1n-inference.nii.gz"))
+        assert pred.shape == src.shape and pred.get_data_dtype() == src.get_data_dtype()
+        np.testing.assert_array_equal(pred.affine, src.affine)
+        np.testing.assert_array_equal(np.asanyarray(pred.dataobj)[~mask], np.asanyarray(src.dataobj)[~mask])
+        assert (reports / f"{cid}-qa.png").is_file()
+        assert (reports / f"{cid}-std.nii.gz").is_file()
