@@ -183,7 +183,7 @@ def test_cli_end_to_end_with_report(tmp_path, weights):
     for k, cid in enumerate(ids):
         synth.write_case(data, cid, seed=k, labels=False, radius=3 + k, centre=(24, 24, 10))
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"infer": {"steps": 2, "ensemble": 2, "save_std": True, "qa_report": True}}))
+    params.write_text(yaml.safe_dump({"infer": {"steps": 2, "ensemble": 2}}))
     out, reports = tmp_path / "pred", tmp_path / "reports"
     result = CliRunner().invoke(
         app,

@@ -99,7 +99,11 @@ def prepare(
     input_path: Path = typer.Option(..., "--input-path", "--input_path", help="Folder of healthy skull-stripped T1 NIfTI files."),
     output_path: Path = typer.Option(..., "--output-path", "--output_path", help="Where BraTS-layout cases are written."),
     masks_per_subject: int = typer.Option(1, help="Cases (masks) per subject."),
-    val_subjects: str = typer.Option("", help="Comma-separated subject names (or a count like '8') for the validation split."),
+    val_subjects: str = typer.Option(
+        "",
+        help="Validation subjects: comma-separated names (sub-49,sub-50), a count N (the last N), 'none', "
+        "or empty for the last seventh (sub-49..sub-56 of the 56 shared brains).",
+    ),
     seed: int = typer.Option(0),
 ) -> None:
     """Build BraTS-layout training/validation cases with tumour-shaped healthy masks."""

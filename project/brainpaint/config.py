@@ -98,8 +98,6 @@ class InferConfig:
     weights: Optional[str] = None  # safetensors file; None = the workspace's shipped weights
     method: str = "diffusion"  # "diffusion" or "harmonic" (classical fill, no network)
     device: str = "auto"
-    save_std: bool = False  # write the ensemble standard deviation (uncertainty) map
-    qa_report: bool = False
 
 
 @dataclass

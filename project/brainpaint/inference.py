@@ -202,6 +202,8 @@ class DiffusionInpainter:
             raise InferenceSetupError(f"infer.batch_slices must be >= 0 (0 = all slices at once), got {inf.batch_slices}")
         if float(inf.smoothing_sigma) < 0 or int(inf.smoothing_border) < 0:
             raise InferenceSetupError("infer.smoothing_sigma and infer.smoothing_border must be >= 0")
+        if not 0.0 <= float(inf.noise_correlation) <= 1.0:
+            raise InferenceSetupError(f"infer.noise_correlation must be in [0, 1], got {inf.noise_correlation}")
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:

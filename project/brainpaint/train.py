@@ -61,7 +61,16 @@ class TrainError(RuntimeError):
 # --------------------------------------------------------------------------- small helpers
 def model_config_yaml(cfg: Config) -> str:
     """YAML of the sections a weights file needs to be rebuilt and used."""
+    from .unet import resolve_architecture
+
     data = cfg.to_dict()
+    # Record the resolved architecture, not only the preset name, so a weights file keeps
+    # loading even if a preset's definition changes later.
+    arch = resolve_architecture(cfg.model)
+    for key in data["model"]:
+        if key in arch:
+            value = arch[key]
+            data["model"][key] = list(value) if isinstance(value, tuple) else value
     return yaml.safe_dump({k: data[k] for k in MODEL_SECTIONS}, sort_keys=False)
 
 
@@ -293,6 +302,8 @@ def export_weights(checkpoint_or_run_dir, out_file) -> Path:
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     meta.setdefault("step", str(checkpoint_step(ckpt)))
+    if "config" in meta:
+        meta["config"] = model_config_yaml(Config.from_dict(yaml.safe_load(meta["config"])))
     _atomic_save_file(tensors, out_file, meta)
     return out_file
 
