@@ -161,6 +161,20 @@ def test_ema_update_is_the_exponential_average():
     torch.testing.assert_close(ema.state["weight"], 0.75 * before + 0.25 * (before + 1.0))
 
 
+def test_ema_warmup_follows_the_network_early_and_reaches_the_rate():
+    lin = torch.nn.Linear(2, 1)
+    ema = EMA(lin, 0.999)
+    assert ema.decay(0) == pytest.approx(0.1)
+    assert ema.decay(100) == pytest.approx(101 / 110)
+    assert ema.decay(100_000) == 0.999
+    before = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin, 0)  # first update: 90 % of the way to the network, not 0.1 %
+    torch.testing.assert_close(ema.state["weight"], 0.1 * before + 0.9 * (before + 1.0))
+    assert EMA(lin, 0.999, warmup=False).decay(0) == 0.999
+
+
 def test_export_and_load_model_round_trip(tmp_path, data):
     cfg = _cfg(model={"context_slices": 1}, data={"prior": "harmonic"}, train={"max_steps": 2})
     out = tmp_path / "out"
@@ -219,10 +233,11 @@ def test_resume_with_another_network_is_refused(tmp_path, data, capsys):
 
 
 # --------------------------------------------------------------------------- kill, resume, SIGTERM
-def _start(data: Path, out: Path, params: Path) -> subprocess.Popen:
+def _start(data: Path, out: Path, params: Path, new_session: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "brainpaint", "train", "--data-path", str(data), "--output-path", str(out),
            "--parameters-file", str(params)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -280,6 +295,21 @@ def test_sigterm_writes_a_checkpoint_and_exports(tmp_path, data):
     assert "SIGTERM" in err
     final = json.loads((out / "train_summary.json").read_text())["step"]
     assert final >= 3 and list_checkpoints(out)[-1].name == f"step_{final:08d}"
+    assert (out / "model.safetensors").is_file()
+
+
+def test_sigterm_to_the_whole_process_group_still_checkpoints(tmp_path, data):
+    # Schedulers signal every process of the job, loader workers included.
+    out = tmp_path / "out"
+    params = tmp_path / "params.yaml"
+    _cfg(train={"max_steps": 10_000, "save_every": 3}, data={"num_workers": 1}).save(params)
+    proc = _start(data, out, params, new_session=True)
+    _wait_for(lambda: len(list_checkpoints(out)) >= 1, proc, timeout=120)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
+    proc.stderr.close()
+    final = json.loads((out / "train_summary.json").read_text())["step"]
+    assert list_checkpoints(out)[-1].name == f"step_{final:08d}"
     assert (out / "model.safetensors").is_file()
 
 

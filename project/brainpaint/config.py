@@ -65,6 +65,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 8
     ema_rate: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_rate, (1+n)/(10+n)) after n updates
     grad_clip: Optional[float] = 1.0
     max_steps: int = 100_000
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
