@@ -54,32 +54,12 @@ class GeneratedMask:
     seed: int  # the mask's own seed (reproduces it with `_draw_mask`)
 
 
-def generate_masks(
-    brain_mask: np.ndarray,
-    n: int,
-    seed: int,
-    avoid: np.ndarray | None = None,
-    volume_range_cm3: tuple[float, float] = (5.0, 200.0),
-    voxel_volume_mm3: float = 1.0,
-    candidates: int = 12,
-    clip_to_brain: bool = True,
-    min_brain_overlap: float = MIN_BRAIN_OVERLAP,
-    avoid_margin: int = 2,
-) -> list[np.ndarray]:
-    """Return `n` boolean tumour-shaped masks on the grid of `brain_mask` (see module doc)."""
-    found = generate_mask_details(
-        brain_mask,
-        n,
-        seed,
-        avoid=avoid,
-        volume_range_cm3=volume_range_cm3,
-        voxel_volume_mm3=voxel_volume_mm3,
-        candidates=candidates,
-        clip_to_brain=clip_to_brain,
-        min_brain_overlap=min_brain_overlap,
-        avoid_margin=avoid_margin,
-    )
-    return [g.mask for g in found]
+def generate_masks(brain_mask: np.ndarray, n: int, seed: int, **options) -> list[np.ndarray]:
+    """Return `n` boolean tumour-shaped masks on the grid of `brain_mask` (see module doc).
+
+    `options` are those of `generate_mask_details` (avoid, volume_range_cm3, candidates, ...).
+    """
+    return [g.mask for g in generate_mask_details(brain_mask, n, seed, **options)]
 
 
 def generate_mask_details(
