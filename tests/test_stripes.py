@@ -185,3 +185,40 @@ def test_stripe_index_is_high_for_stacked_independent_slices_and_one_for_isotrop
     assert stripe_index(stacked, truth, mask) > 2.0
     # A 3D Gaussian filter lowers the index of the stacked volume but also blurs in-plane.
     assert stripe_index(ndimage.gaussian_filter(stacked, 1.075), truth, mask) < stripe_index(stacked, truth, mask)
+
+
+# --------------------------------------------------------------------------- the table script
+def _stripe_table_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stripe_table.py"
+    spec = importlib.util.spec_from_file_location("stripe_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stripe_table_runs_the_chosen_variants_on_one_mask_per_subject(tmp_path, weights, capsys):
+    table = _stripe_table_module()
+    data = tmp_path / "val"
+    for case_id in ("BraTS-GLI-00001-000", "BraTS-GLI-00001-001", "BraTS-GLI-00002-000"):
+        synth.write_case(data, case_id, seed=int(case_id[-5:-4]), radius=4, centre=(24, 22, 9))
+    out = tmp_path / "table.md"
+    args = ["--data", str(data), "--weights", str(weights), "--steps", "2", "--threads", "1"]
+    rc = table.main(args + ["--variants", "harmonic,default,ens4", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0
+    assert "2 cases: BraTS-GLI-00001-000, BraTS-GLI-00002-000" in printed.err  # the -000 cases only
+    text = out.read_text()
+    assert text.strip() == printed.out.strip()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| variant", "| harmonic fill (no network)", "| default (workspace/parameters.yaml)", "| + ensemble K=4"
+    ]
+    assert all(" ± " in cell for r in rows[1:] for cell in r.split(" | ")[1:5])
+
+    assert table.main(args + ["--variants", "plain,nonsense"]) == 2
+    assert "unknown variant(s) nonsense" in capsys.readouterr().err
+    assert table.main(["--data", str(tmp_path / "absent")]) == 0
+    assert "SKIPPED" in capsys.readouterr().err
