@@ -24,7 +24,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Real container: private dockerd, debootstrap base image, mlcube infer/evaluate (see docs/MLCUBE.md).
+# Real container: private dockerd, debootstrap base image, mlcube infer/evaluate (see the MLCube section of README.md).
 smoke: setup
 	bash scripts/container_smoke.sh
 
