@@ -40,7 +40,6 @@ import contextlib
 import csv
 import hashlib
 import math
-import os
 import shlex
 import sys
 import tempfile
@@ -218,14 +217,10 @@ def display_path(path: Path) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    from brainpaint.evaluate import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(path, text)
 
 
 def main(argv=None) -> int:

@@ -108,7 +108,8 @@ def score_case(case, pred_path: Path, with_stripes: bool = True) -> dict[str, fl
     return row
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name in its folder, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
@@ -188,8 +189,8 @@ def run_evaluate(cfg: Config, pred_dir: str | Path, label_dir: str | Path, out_f
         "labels": str(label_dir),
     }
     try:
-        _write_atomic(out_file, buffer.getvalue())
-        _write_atomic(summary_file, yaml.safe_dump(summary, sort_keys=False))
+        write_text_atomic(out_file, buffer.getvalue())
+        write_text_atomic(summary_file, yaml.safe_dump(summary, sort_keys=False))
     except OSError as exc:
         print(f"error: cannot write {out_file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
