@@ -18,7 +18,7 @@ setup: $(BIN)/brainpaint
 demo: setup
 	$(BIN)/brainpaint infer --data-path workspace/data --output-path workspace/predictions \
 		--parameters-file workspace/parameters.yaml
-	$(BIN)/brainpaint evaluate --predictions workspace/predictions --labels workspace/labels \
+	$(BIN)/brainpaint evaluate --predictions workspace/predictions --labels workspace/data \
 		--output-file workspace/metrics/demo_metrics.csv --parameters-file workspace/parameters.yaml
 
 test: setup

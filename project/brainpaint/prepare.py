@@ -62,7 +62,6 @@ CASE_PREFIX = "BraTS-SYN"
 INT16_MAX = 32767
 RESCALED_MAX = 4095.0
 FULL_LAYOUT = ("t1n", "voided", "mask", "mask_healthy", "mask_unhealthy")
-INFERENCE_LAYOUT = ("voided", "mask")
 
 
 class PrepareError(ValueError):
@@ -405,16 +404,16 @@ def run_prepare(
 def build_demo(
     source_dir: str | Path,
     data_dir: str | Path,
-    labels_dir: str | Path,
     subjects: tuple[str, ...] = ("sub-55", "sub-56"),
     seed: int = 2023,
     volume_range_cm3: tuple[float, float] = (20.0, 60.0),
 ) -> list[str]:
-    """Write the shipped demo: inference-layout cases in `data_dir`, full cases in `labels_dir`.
+    """Write the shipped demo cases, in the full BraTS training layout, into `data_dir`.
 
-    Used once to make `workspace/data/` and `workspace/labels/` from the shared CC0 brains; kept
-    here so the demo can be rebuilt exactly (`python -c "from brainpaint.prepare import
-    build_demo; build_demo('../shared/data/healthy-t1', 'workspace/data', 'workspace/labels')"`).
+    The ground-truth files sit beside the voided image and mask, so the same folder serves
+    `infer` and `evaluate --labels`. Used once to make `workspace/data/` from the shared CC0
+    brains; kept here so the demo can be rebuilt exactly (`python -c "from brainpaint.prepare
+    import build_demo; build_demo('../shared/data/healthy-t1', 'workspace/data')"`).
     The volume range is moderate so the demo masks are clearly visible but quick to inpaint.
     """
     by_name = {s.name: s for s in find_subjects(Path(source_dir))}
@@ -430,8 +429,7 @@ def build_demo(
             conformed, found, _ = prepare_subject(subject, 1, seed, volume_range_cm3)
             cid = case_id(subject.number, 0)
             mask = found[0].mask
-            write_case(Path(data_dir), cid, conformed.t1n, mask, conformed.affine, layout=INFERENCE_LAYOUT)
-            write_case(Path(labels_dir), cid, conformed.t1n, mask, conformed.affine, layout=FULL_LAYOUT)
+            write_case(Path(data_dir), cid, conformed.t1n, mask, conformed.affine, layout=FULL_LAYOUT)
             ids.append(cid)
     finally:
         nib.openers.Opener.default_compresslevel = level
