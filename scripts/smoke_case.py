@@ -3,9 +3,9 @@
     python scripts/smoke_case.py make WORKSPACE    # tiny case, labels, random tiny model, parameters
     python scripts/smoke_case.py check WORKSPACE   # verify what the container wrote
 
-`make` writes an MLCube workspace: `data/<ID>/` (voided image and mask only, as the organisers
-provide it), `labels/<ID>/` (the same case with its ground truth, for `evaluate`),
-`additional_files/model.safetensors` (a randomly initialised tiny network whose metadata
+`make` writes an MLCube workspace laid out like the shipped one: `data/<ID>/` (the voided image
+and mask, with the ground truth beside them, so the same folder serves `infer` and the
+`evaluate` task's default `labels`), `additional_files/model.safetensors` (a randomly initialised tiny network whose metadata
 describes it, so it loads exactly like trained weights) and `parameters.yaml` (a two-step
 DDIM run). A random network makes no useful image, but it exercises the whole path: weights
 loading, conditioning, sampling, writing. `check` then verifies the prediction file by name,
@@ -41,7 +41,7 @@ PARAMETERS = {
     "infer": {"method": "diffusion", "sampler": "ddim", "steps": 2, "ensemble": 1, "device": "auto", "seed": 0},
     "evaluate": {"stripe_index": True},
 }
-INPUT_DIRS = ("data", "labels", "additional_files")
+INPUT_DIRS = ("data", "additional_files")
 DIGESTS = ".input-digests.json"
 
 
@@ -61,8 +61,7 @@ def make(workspace: Path) -> None:
     from brainpaint.unet import build_unet, network_channels
 
     workspace.mkdir(parents=True, exist_ok=True)
-    synth.write_case(workspace / "data", CASE_ID, shape=SHAPE, seed=3, labels=False)
-    synth.write_case(workspace / "labels", CASE_ID, shape=SHAPE, seed=3, labels=True)
+    synth.write_case(workspace / "data", CASE_ID, shape=SHAPE, seed=3, labels=True)
 
     torch.manual_seed(0)
     cfg = Config.from_dict(MODEL_SECTIONS)

@@ -213,3 +213,28 @@ def test_bad_parameters_file_fails_with_one_line(tmp_path):
     assert result.returncode != 0
     assert "unknown parameter 'infer.nonsense'" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _smoke_fixture():
+    spec = importlib.util.spec_from_file_location("brainpaint_smoke_case", REPO / "scripts" / "smoke_case.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", ["infer", "evaluate"])
+def test_container_smoke_workspace_holds_every_default_input_of_the_task(cube, tmp_path, task):
+    """The smoke test runs tasks with mlcube.yaml's defaults: each input must be in its workspace."""
+    workspace = tmp_path / "workspace"
+    _smoke_fixture().make(workspace)
+    (workspace / "predictions").mkdir()  # written by the infer task before evaluate runs
+    for name, spec in cube["tasks"][task]["parameters"]["inputs"].items():
+        path = workspace / spec["default"]
+        kind = spec["type"]
+        assert (path.is_dir() if kind == "directory" else path.is_file()), f"{task}.{name}: {path} missing"
+    if task == "evaluate":
+        from brainpaint.brats_io import discover_cases
+
+        labels = workspace / cube["tasks"]["evaluate"]["parameters"]["inputs"]["labels"]["default"]
+        cases, errors = discover_cases(labels, labels=True)
+        assert not errors and [c.id for c in cases] == [_smoke_fixture().CASE_ID]
