@@ -232,6 +232,40 @@ def test_resume_with_another_network_is_refused(tmp_path, data, capsys):
     assert "was trained with model.base_channels=None, the parameters say 8" in capsys.readouterr().err
 
 
+def test_init_weights_warm_starts_model_and_ema_at_step_zero(tmp_path, data, capsys):
+    first = tmp_path / "first"
+    assert run_train(_cfg(train={"max_steps": 2}), data, first) == 0
+    exported = load_file(str(first / "model.safetensors"))
+
+    # zero further steps: the warm-started run exports exactly the weights it was given
+    second = tmp_path / "second"
+    cfg = _cfg(train={"max_steps": 0, "init_weights": str(first / "model.safetensors")})
+    assert run_train(cfg, data, second) == 0
+    assert "starting from the weights in" in capsys.readouterr().err
+    torch.testing.assert_close(load_file(str(second / "model.safetensors")), exported, rtol=0, atol=0)
+    with safe_open(str(second / "model.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "0"
+
+    # training goes on from there, counting its own steps from zero
+    third = tmp_path / "third"
+    cfg = _cfg(train={"max_steps": 3, "init_weights": str(first / "model.safetensors")})
+    assert run_train(cfg, data, third) == 0
+    assert [int(r["step"]) for r in _log_rows(third) if r.get("loss")] == [1, 2, 3]
+    moved = load_file(str(third / "model.safetensors"))
+    assert any(not torch.equal(moved[k], exported[k]) for k in exported)
+
+
+def test_init_weights_of_another_network_is_refused(tmp_path, data, capsys):
+    first = tmp_path / "first"
+    assert run_train(_cfg(train={"max_steps": 1}), data, first) == 0
+    cfg = _cfg(model={"base_channels": 8}, train={"max_steps": 1, "init_weights": str(first / "model.safetensors")})
+    assert run_train(cfg, data, tmp_path / "second") == 1
+    assert "was trained with model.base_channels=16, the parameters say 8" in capsys.readouterr().err
+    missing = _cfg(train={"max_steps": 1, "init_weights": str(tmp_path / "nope.safetensors")})
+    assert run_train(missing, data, tmp_path / "third") == 1
+    assert "train.init_weights: weights file not found" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- kill, resume, SIGTERM
 def _start(data: Path, out: Path, params: Path, new_session: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "brainpaint", "train", "--data-path", str(data), "--output-path", str(out),

@@ -80,6 +80,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (this rank's GPU when available, else CPU), "cpu", "cuda:N"
     val_steps: int = 20  # DDIM steps when sampling the validation slices
+    # Warm start: an exported weights file whose network is the one configured here; a fresh
+    # run (no checkpoint to resume) starts its model and EMA from it, with a new optimizer.
+    init_weights: Optional[str] = None
 
 
 @dataclass
@@ -94,6 +97,7 @@ class InferConfig:
     smoothing_border: int = 2  # voxels around the mask that the filter may touch
     repaint: bool = False  # RePaint-style known-region x_t mixing during sampling
     noise_correlation: float = 0.0  # 0..1 share of noise shared across neighbouring slices
+    temperature: float = 1.0  # scale of the sampler's noise; 0 with ddim = deterministic mean-seeking path
     bf16: bool = True  # autocast on CUDA only
     seed: int = 0
     weights: Optional[str] = None  # safetensors file; None = the workspace's shipped weights

@@ -280,7 +280,7 @@ def _seed_all(seed: int) -> None:
 _RESUMABLE_DATA_KEYS = {"flip_prob", "extra_masks_per_volume", "num_workers", "cache_volumes"}
 
 
-def _check_same_model(saved: dict, cfg: Config, where: Path) -> None:
+def _check_same_model(saved: dict, cfg: Config, where: Path, hint: str = "use another output folder or --no-resume") -> None:
     """Resuming with another network or data transform would silently train something else."""
     current = cfg.to_dict()
     for section in MODEL_SECTIONS:
@@ -290,9 +290,24 @@ def _check_same_model(saved: dict, cfg: Config, where: Path) -> None:
             old = saved.get(section, {}).get(key)
             if old != value and not (isinstance(old, (list, tuple)) and list(old) == list(value or [])):
                 raise TrainError(
-                    f"checkpoint {where} was trained with {section}.{key}={old!r}, the parameters say {value!r}; "
-                    "use another output folder or --no-resume"
+                    f"checkpoint {where} was trained with {section}.{key}={old!r}, the parameters say {value!r}; {hint}"
                 )
+
+
+def _warm_start(raw: nn.Module, ema: "EMA", cfg: Config, weights: Path, device: torch.device) -> None:
+    """Load an exported weights file into the model and the EMA (same network required)."""
+    if not weights.is_file():
+        raise TrainError(f"train.init_weights: weights file not found: {weights}")
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise TrainError(f"train.init_weights: {weights} has no 'config' metadata; not a brainpaint weights file")
+    # Weights files record the resolved architecture: compare with the resolved configuration.
+    resolved = Config.from_dict(yaml.safe_load(model_config_yaml(cfg)))
+    _check_same_model(yaml.safe_load(meta["config"]) or {}, resolved, weights, hint="train a network like it or drop train.init_weights")
+    tensors = load_file(str(weights), device=str(device))
+    raw.load_state_dict(tensors)
+    ema.load(tensors)
 
 
 # --------------------------------------------------------------------------- weights files
@@ -584,6 +599,10 @@ def _run(cfg: Config, data_dir: Path, out_dir: Path, val_dir: Optional[Path], re
         if dist.world_size == 1:
             _set_rng_state(state["rng"])
         say(f"resuming from {ckpt} at step {step}")
+    elif tc.init_weights:
+        step = 0
+        _warm_start(raw, ema, cfg, Path(tc.init_weights), device)
+        say(f"starting from the weights in {tc.init_weights} (model and EMA; new optimizer, step 0)")
     if not ckpts or dist.world_size > 1:
         _seed_all(tc.seed * 1000003 + dist.rank * 7919 + step)  # each rank draws its own noise
 
