@@ -106,7 +106,7 @@ class SharedSampleInpainter(DiffusionInpainter):
         inf = self.infer
         key = (
             str(self.weights), str(self.device), hashlib.sha1(np.ascontiguousarray(cond).tobytes()).hexdigest(),
-            int(seed), int(member), float(inf.noise_correlation), inf.sampler, int(inf.steps), float(inf.eta),
+            int(seed), int(member), float(inf.noise_correlation), float(inf.temperature), inf.sampler, int(inf.steps), float(inf.eta),
             bool(inf.repaint), int(inf.batch_slices), bool(inf.bf16),
         )
         if key in self.store:

@@ -318,3 +318,39 @@ def test_samplers_recover_a_point_mass_with_the_exact_denoiser(sampler, steps):
     oracle = _Oracle(d, 0.3)
     out = d.sample(oracle, torch.zeros(4, 2, 4, 4), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, torch.full_like(out, 0.3), atol=1e-3, rtol=0)
+
+
+class _GaussianOracle(nn.Module):
+    """The exact eps predictor when every pixel of the training images is N(mean, std^2)."""
+
+    def __init__(self, diffusion: GaussianDiffusion, mean: float, std: float):
+        super().__init__()
+        self.abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
+        self.mean, self.var = mean, std**2
+
+    def forward(self, x, t):
+        xt = x[:, -1:].double()
+        abar = self.abar[t].view(-1, 1, 1, 1)
+        eps = (1 - abar).sqrt() * (xt - abar.sqrt() * self.mean) / (abar * self.var + 1 - abar)
+        return torch.cat([eps, torch.zeros_like(eps)], 1).float()
+
+
+def test_temperature_zero_ddim_lands_on_the_mean_and_ignores_the_seed():
+    d = _diffusion()
+    oracle = _GaussianOracle(d, mean=0.3, std=0.4)
+    cond = torch.zeros(64, 2, 8, 8)
+    draw = lambda seed, temp: d.sample(  # noqa: E731
+        oracle, cond, sampler="ddim", steps=100, generator=torch.Generator().manual_seed(seed),
+        clip_denoised=False, temperature=temp,
+    )
+    samples = draw(0, 1.0)
+    # temperature 1: draws from N(0.3, 0.4^2) (up to the discretisation of 100 DDIM steps)
+    assert abs(samples.mean().item() - 0.3) < 0.02 and abs(samples.std().item() - 0.4) < 0.03
+    # temperature 0: every draw is the mean, whatever the seed
+    zero = draw(0, 0.0)
+    torch.testing.assert_close(zero, torch.full_like(zero, 0.3), atol=2e-3, rtol=0)
+    assert torch.equal(zero, draw(1, 0.0))
+    # temperature 0.5: the same draws, half as far from the centre (the ODE is linear here)
+    torch.testing.assert_close(draw(0, 0.5) - zero, 0.5 * (samples - zero), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        draw(0, -0.1)

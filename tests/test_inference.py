@@ -107,6 +107,16 @@ def test_ensemble_mean_and_std(weights, case_data):
     np.testing.assert_array_equal(pred.volume[~mask], case_data.voided[~mask])
 
 
+def test_temperature_zero_is_one_deterministic_fill_whatever_the_seed(weights, case_data):
+    cold = make(weights, temperature=0.0)
+    a, b = cold(case_data, seed=1).volume, cold(case_data, seed=2).volume
+    np.testing.assert_array_equal(a, b)
+    warm = make(weights, temperature=1.0)
+    assert not np.array_equal(warm(case_data, seed=1).volume, warm(case_data, seed=2).volume)
+    with pytest.raises(InferenceSetupError, match="infer.temperature must be >= 0"):
+        make(weights, temperature=-1.0)
+
+
 def test_batching_does_not_change_independent_slices(weights, case_data):
     one_batch = make(weights, batch_slices=0, noise_correlation=1.0)(case_data, seed=2).volume
     per_slice = make(weights, batch_slices=1, noise_correlation=1.0)(case_data, seed=2).volume

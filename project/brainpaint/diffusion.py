@@ -274,6 +274,7 @@ class GaussianDiffusion:
         clip_denoised: Union[bool, float] = True,
         progress: bool = False,
         autocast: Optional[torch.dtype] = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         """Draw x_0 [B, 1, H, W] (diffusion space) given the conditioning ``cond`` [B, C, H, W].
 
@@ -288,6 +289,10 @@ class GaussianDiffusion:
         - ``clip_denoised``: clamp the predicted x_0 to [-1, 1] (or to +-value for a float).
         - ``autocast``: dtype for the network under autocast (e.g. torch.bfloat16 on CUDA);
           the diffusion arithmetic stays float32.
+        - ``temperature``: scale of the initial noise x_T and of every noise draw of the
+          reverse steps (1 = the model's distribution). Below 1 the draws concentrate towards
+          the centre of the distribution; 0 with DDIM (eta = 0) follows the probability-flow
+          ODE from x_T = 0, one deterministic estimate near the conditional mean.
         """
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler '{sampler}' (choose ddpm or ddim)")
@@ -296,8 +301,11 @@ class GaussianDiffusion:
         device = cond.device
         draw = noise_fn or default_noise
 
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+
         def noise(shape):
-            return draw(tuple(shape), generator).to(device=device, dtype=torch.float32)
+            return float(temperature) * draw(tuple(shape), generator).to(device=device, dtype=torch.float32)
 
         spaced = self.respaced(int(steps))
         b, _, h, w = cond.shape

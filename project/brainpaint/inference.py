@@ -204,6 +204,8 @@ class DiffusionInpainter:
             raise InferenceSetupError("infer.smoothing_sigma and infer.smoothing_border must be >= 0")
         if not 0.0 <= float(inf.noise_correlation) <= 1.0:
             raise InferenceSetupError(f"infer.noise_correlation must be in [0, 1], got {inf.noise_correlation}")
+        if not float(inf.temperature) >= 0.0:
+            raise InferenceSetupError(f"infer.temperature must be >= 0, got {inf.temperature}")
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:
@@ -268,6 +270,7 @@ class DiffusionInpainter:
                 clip_denoised=True if prior == "none" else 2.0,
                 progress=False,
                 autocast=self._autocast_dtype(),
+                temperature=float(inf.temperature),
             )
             out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
         return out
