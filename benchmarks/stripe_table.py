@@ -19,6 +19,8 @@ Variants (`--variants` takes a comma-separated subset of these keys, in the orde
     ens4          plain + the mean of K = 4 samples
     rho0.9+gauss  correlated noise + filter
     combo         correlated noise (0.9) + ensemble of 4 + filter
+    t0, t0+gauss  temperature 0: DDIM from x_T = 0, one deterministic fill per case (+ filter)
+    t0.5+gauss    temperature 0.5 + filter
     25d, 25d+gauss, 25d+combo   the same sampler settings with the --weights-25d model
 
 `--variants harmonic,default` reproduces the harmonic-vs-shipped-model table alone.
@@ -59,7 +61,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "workspace" / "prepared" / "val"
 DEFAULT_PARAMETERS = REPO / "workspace" / "parameters.yaml"
 
-PLAIN = {"infer.smoothing_sigma": 0.0, "infer.ensemble": 1, "infer.noise_correlation": 0.0}
+PLAIN = {"infer.smoothing_sigma": 0.0, "infer.ensemble": 1, "infer.noise_correlation": 0.0, "infer.temperature": 1.0}
+MEAN = {**PLAIN, "infer.temperature": 0.0}
 GAUSS = {"infer.smoothing_sigma": 1.075}
 COMBO = {"infer.noise_correlation": 0.9, "infer.ensemble": 4, **GAUSS}
 
@@ -75,11 +78,14 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "ens4": ("+ ensemble K=4", "2d", {**PLAIN, "infer.ensemble": 4}),
     "rho0.9+gauss": ("+ correlated noise (rho 0.9) + filter", "2d", {**PLAIN, "infer.noise_correlation": 0.9, **GAUSS}),
     "combo": ("+ correlated noise (rho 0.9) + ensemble K=4 + filter", "2d", {**PLAIN, **COMBO}),
+    "t0": ("temperature 0 (DDIM from x_T = 0, deterministic)", "2d", MEAN),
+    "t0+gauss": ("temperature 0 + filter", "2d", {**MEAN, **GAUSS}),
+    "t0.5+gauss": ("temperature 0.5 + filter", "2d", {**PLAIN, "infer.temperature": 0.5, **GAUSS}),
     "25d": ("2.5D model, plain sampler", "25d", PLAIN),
     "25d+gauss": ("2.5D model + Gaussian filter", "25d", {**PLAIN, **GAUSS}),
     "25d+combo": ("2.5D model + correlated noise (rho 0.9) + ensemble K=4 + filter", "25d", {**PLAIN, **COMBO}),
 }
-DEFAULT_VARIANTS = ["harmonic", "default", "plain", "gauss", "rho0.5", "rho0.9", "ens4", "rho0.9+gauss", "combo"]
+DEFAULT_VARIANTS = ["harmonic", "default", "plain", "gauss", "rho0.9", "ens4", "rho0.9+gauss", "combo", "t0", "t0+gauss"]
 DEFAULT_VARIANTS_25D = ["25d", "25d+gauss"]
 COLUMNS = ("stripe_index", "ssim", "psnr", "mse")
 
