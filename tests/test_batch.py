@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -209,17 +210,25 @@ def test_unwritable_output_folder_detected_by_the_probe(tmp_path, capsys, monkey
     assert capsys.readouterr().err == f"error: output folder {tmp_path / 'out'} is not writable: Read-only file system\n"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores permission bits")
 def test_read_only_output_folder(tmp_path, capsys):
     synth.write_case(tmp_path / "data", "a", labels=False)
     out = tmp_path / "out"
     out.mkdir()
-    out.chmod(0o555)
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+        undo = lambda: out.chmod(0o755)  # noqa: E731
+    else:
+        # root ignores permission bits; an immutable folder refuses new files even to root.
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+            pytest.skip("running as root on a file system without chattr +i: cannot make a folder read-only")
+        undo = lambda: subprocess.run(["chattr", "-i", str(out)], check=True)  # noqa: E731
     try:
         assert run_infer(HARMONIC, tmp_path / "data", out) == 2
-        assert "output folder" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: output folder {out} is not ") and "writable" in err and err.count("\n") == 1
+        assert list(out.iterdir()) == []
     finally:
-        out.chmod(0o755)
+        undo()
 
 
 def test_missing_data_folder(tmp_path, capsys):
