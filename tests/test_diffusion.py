@@ -312,7 +312,7 @@ class _Oracle(nn.Module):
         return torch.cat([eps, -torch.ones_like(eps)], 1)  # posterior variance is exact here
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 25), ("ddpm", 1000)])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("dpm2m", 10), ("ddpm", 25), ("ddpm", 1000)])
 def test_samplers_recover_a_point_mass_with_the_exact_denoiser(sampler, steps):
     d = _diffusion()
     oracle = _Oracle(d, 0.3)
@@ -365,3 +365,26 @@ def test_per_pixel_clip_bounds_hold_the_denoised_x0():
     out = d.sample(model, cond, steps=4, generator=torch.Generator().manual_seed(0), clip_denoised=(low, high))
     assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
     assert (out < low + 0.125).any() and (out > low + 0.125).any()  # inside the band, not pinned to one edge
+
+
+def test_dpm2m_is_ddim_when_first_order_and_more_accurate_with_few_steps():
+    d = _diffusion()
+    model = _random_tiny()
+    cond = torch.randn(2, 2, 16, 16)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    # Two steps: a first-order step (the DDIM update) and the final x0 prediction.
+    ddim = d.sample(model, cond, sampler="ddim", steps=2, generator=gen())
+    dpm = d.sample(model, cond, sampler="dpm2m", steps=2, generator=gen())
+    torch.testing.assert_close(dpm, ddim, atol=1e-5, rtol=0)
+
+    # On Gaussian data with the exact denoiser, 20 steps of the 2nd-order solver keep the
+    # spread of the data better than 20 DDIM steps (which shrink it).
+    oracle = _GaussianOracle(d, mean=0.3, std=0.4)
+    big = torch.zeros(64, 2, 8, 8)
+    spread = {
+        name: d.sample(oracle, big, sampler=name, steps=20, generator=gen(), clip_denoised=False).std().item()
+        for name in ("ddim", "dpm2m")
+    }
+    assert abs(spread["dpm2m"] - 0.4) < 0.6 * abs(spread["ddim"] - 0.4), spread
+    zero = d.sample(oracle, big, sampler="dpm2m", steps=10, generator=gen(), clip_denoised=False, temperature=0.0)
+    torch.testing.assert_close(zero, torch.full_like(zero, 0.3), atol=2e-3, rtol=0)

@@ -33,7 +33,7 @@ def infer(
     parameters_file: Optional[Path] = typer.Option(None, "--parameters-file", "--parameters_file"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="safetensors weights (file or folder)."),
     method: Optional[str] = typer.Option(None, help="diffusion | harmonic"),
-    sampler: Optional[str] = typer.Option(None, help="ddim | ddpm"),
+    sampler: Optional[str] = typer.Option(None, help="ddim | dpm2m | ddpm"),
     steps: Optional[int] = typer.Option(None, help="Sampling steps."),
     ensemble: Optional[int] = typer.Option(None, help="Samples averaged per case."),
     seed: Optional[int] = typer.Option(None),

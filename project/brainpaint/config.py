@@ -87,7 +87,7 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    sampler: str = "ddim"  # "ddpm" (ancestral, any respacing) or "ddim"
+    sampler: str = "ddim"  # "ddpm" (ancestral, any respacing), "ddim" or "dpm2m" (2nd-order ODE solver)
     steps: int = 50  # 1000 with sampler=ddpm is the paper-faithful path
     eta: float = 0.0
     ensemble: int = 1  # samples averaged per case

@@ -192,8 +192,10 @@ class DiffusionInpainter:
 
     def _check_settings(self) -> None:
         inf = self.infer
-        if inf.sampler not in ("ddim", "ddpm"):
-            raise InferenceSetupError(f"infer.sampler must be 'ddim' or 'ddpm', got '{inf.sampler}'")
+        from .diffusion import SAMPLERS
+
+        if inf.sampler not in SAMPLERS:
+            raise InferenceSetupError(f"infer.sampler must be one of {', '.join(SAMPLERS)}, got '{inf.sampler}'")
         if int(inf.steps) < 1:
             raise InferenceSetupError(f"infer.steps must be >= 1, got {inf.steps}")
         if int(inf.ensemble) < 1:
