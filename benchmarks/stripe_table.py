@@ -319,7 +319,8 @@ def main(argv=None) -> int:
     header = [
         f"Cases: {len(ids)} ({', '.join(ids)}) from {args.data}.",
         f"Sampler (from {args.parameters_file.name}{', --steps' if args.steps else ''}): {inf.sampler}, "
-        f"{inf.steps} steps, eta {inf.eta}; seed {inf.seed}. Mean ± population std over cases.",
+        f"{inf.steps} steps, eta {inf.eta}, temperature {inf.temperature}, ensemble {inf.ensemble}, "
+        f"filter sigma {inf.smoothing_sigma}; seed {inf.seed}. Mean ± population std over cases.",
     ]
     for role, path in weights.items():
         header.append(f"{'2.5D' if role == '25d' else '2D'} weights: {weights_label(path)}.")
