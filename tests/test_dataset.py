@@ -294,18 +294,3 @@ def test_missing_mask_generator_is_skipped_with_a_warning(cases, monkeypatch):
     messages = []
     ds = SliceDataset(cases, _cfg(extra_masks_per_volume=3), log=messages.append)
     assert len(ds.units) == 2 and "brainpaint.masks is unavailable" in messages[0]
-
-
-@pytest.mark.parametrize("prior", ["none", "harmonic"])
-def test_target_bounds_are_the_encoded_extremes_of_the_intensity_range(prior):
-    from brainpaint.dataset import encode_target, target_bounds
-
-    b = np.linspace(0.0, 1.0, 11, dtype=np.float32)
-    low, high = target_bounds(b, prior)
-    np.testing.assert_allclose(low, encode_target(np.zeros_like(b), b, prior))
-    np.testing.assert_allclose(high, encode_target(np.ones_like(b), b, prior))
-    gt = np.random.default_rng(0).uniform(0, 1, b.shape).astype(np.float32)
-    x0 = encode_target(gt, b, prior)
-    assert np.all(x0 >= low - 1e-6) and np.all(x0 <= high + 1e-6)
-    if prior == "harmonic":
-        np.testing.assert_allclose(low, -2 * b) and np.testing.assert_allclose(high, 2 - 2 * b)

@@ -82,15 +82,6 @@ def encode_target(gt_norm, b, prior: str):
     return 2 * (gt_norm - b)
 
 
-def target_bounds(b, prior: str):
-    """Per-pixel (low, high) of diffusion-space x0 for ground truth in [0, 1] (the valid range).
-
-    "none": (-1, 1) everywhere. "harmonic": (-2b, 2 - 2b): a residual can only reach the
-    intensities [0, 1] that the ground truth can take, wherever the fill `b` lies.
-    """
-    return encode_target(0.0 * b, b, prior), encode_target(0.0 * b + 1.0, b, prior)
-
-
 def decode_sample(x0, b, prior: str):
     """Inverse of `encode_target`: diffusion-space sample -> normalised image clipped to [0, 1]."""
     _check_prior(prior)

@@ -33,9 +33,6 @@ import torch
 from torch import nn
 
 NoiseFn = Callable[[tuple, Optional[torch.Generator]], torch.Tensor]
-# How the predicted x_0 is clamped: True = [-1, 1], a float c = [-c, c], a (low, high) pair of
-# tensors broadcastable to x_0 = per-pixel bounds, False/None = not at all.
-ClipSpec = Union[bool, float, tuple, None]
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm2m")
@@ -198,7 +195,7 @@ class GaussianDiffusion:
         return out, None
 
     def p_mean_variance_from_output(
-        self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: ClipSpec = True
+        self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip_denoised: Union[bool, float] = True
     ) -> dict[str, torch.Tensor]:
         """Reverse-step mean, log variance, predicted x0 and eps from the raw network output."""
         out = out.float()
@@ -213,11 +210,7 @@ class GaussianDiffusion:
             # Fixed variance: the posterior variance beta~_t (clipped at t=0).
             log_var = self._extract(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
         x0 = self.predict_x0_from_eps(xt, t, eps)
-        if isinstance(clip_denoised, tuple):
-            low, high = clip_denoised
-            x0 = torch.maximum(torch.minimum(x0, high), low)
-            eps = self.predict_eps_from_x0(xt, t, x0)
-        elif clip_denoised is not False and clip_denoised is not None:
+        if clip_denoised is not False and clip_denoised is not None:
             bound = 1.0 if clip_denoised is True else float(clip_denoised)
             x0 = x0.clamp(-bound, bound)
             eps = self.predict_eps_from_x0(xt, t, x0)
@@ -281,7 +274,7 @@ class GaussianDiffusion:
         noise_fn: Optional[NoiseFn] = None,
         known: Optional[torch.Tensor] = None,
         known_mask: Optional[torch.Tensor] = None,
-        clip_denoised: ClipSpec = True,
+        clip_denoised: Union[bool, float] = True,
         progress: bool = False,
         autocast: Optional[torch.dtype] = None,
         temperature: float = 1.0,
@@ -298,8 +291,7 @@ class GaussianDiffusion:
           correlated along the batch axis = neighbouring slices).
         - ``known``/``known_mask`` (RePaint-style): before every step, x_t is replaced by
           ``q_sample(known, t)`` where ``known_mask`` is 1.
-        - ``clip_denoised``: clamp the predicted x_0 to [-1, 1], to +-value for a float, or
-          between a (low, high) pair of tensors (per-pixel bounds, e.g. the residual range).
+        - ``clip_denoised``: clamp the predicted x_0 to [-1, 1] (or to +-value for a float).
         - ``autocast``: dtype for the network under autocast (e.g. torch.bfloat16 on CUDA);
           the diffusion arithmetic stays float32.
         - ``temperature``: scale of the initial noise x_T and of every noise draw of the
@@ -323,8 +315,6 @@ class GaussianDiffusion:
         spaced = self.respaced(int(steps))
         b, _, h, w = cond.shape
         shape = (b, 1, h, w)
-        if isinstance(clip_denoised, tuple):
-            clip_denoised = tuple(c.to(device=device, dtype=torch.float32) for c in clip_denoised)
         if known is not None:
             known = known.to(device=device, dtype=torch.float32)
             known_mask = known_mask.to(device=device, dtype=torch.float32)

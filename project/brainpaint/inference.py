@@ -241,7 +241,7 @@ class DiffusionInpainter:
 
     def sample_slices(self, cond: np.ndarray, seed: int, member: int) -> np.ndarray:
         """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space)."""
-        from .dataset import encode_target, target_bounds
+        from .dataset import encode_target
 
         inf = self.infer
         n = cond.shape[0]
@@ -253,8 +253,6 @@ class DiffusionInpainter:
         for index, start in enumerate(range(0, n, batch)):
             chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(derive_seed(seed, member, 0, index))
-            # x0 is clamped per pixel to the range a ground truth in [0, 1] can take.
-            bounds = target_bounds(chunk[:, 0:1], prior)
             known = known_mask = None
             if inf.repaint:
                 b, m = chunk[:, 0:1], chunk[:, 1:2]
@@ -270,7 +268,8 @@ class DiffusionInpainter:
                 noise_fn=shared.for_batch() if shared is not None else None,
                 known=known,
                 known_mask=known_mask,
-                clip_denoised=bounds,
+                # x0 is the whole slice in [-1, 1] ("none") or twice a residual in [-2, 2].
+                clip_denoised=True if prior == "none" else 2.0,
                 progress=False,
                 autocast=self._autocast_dtype(),
                 temperature=float(inf.temperature),
