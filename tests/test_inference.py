@@ -211,3 +211,29 @@ def test_cli_end_to_end_with_report(tmp_path, weights):
         np.testing.assert_array_equal(np.asanyarray(pred.dataobj)[~mask], np.asanyarray(src.dataobj)[~mask])
         assert (reports / f"{cid}-qa.png").is_file()
         assert (reports / f"{cid}-std.nii.gz").is_file()
+
+
+def test_cli_temperature_and_sampler_options(tmp_path, weights):
+    from brainpaint.cli import app
+
+    data = tmp_path / "data"
+    synth.write_case(data, CASE, seed=1, labels=False, radius=4, centre=(24, 22, 9))
+
+    def run(out, *extra):
+        return CliRunner().invoke(
+            app, ["infer", "--data-path", str(data), "--output-path", str(tmp_path / out), "--weights", str(weights),
+                  "--device", "cpu", "--steps", "3", *extra],
+        )
+
+    name = f"{CASE}-t1n-inference.nii.gz"
+    for out, seed in (("a", "1"), ("b", "2")):
+        result = run(out, "--sampler", "dpm2m", "--temperature", "0", "--seed", seed)
+        assert result.exit_code == 0, result.output
+    a = np.asanyarray(nib.load(str(tmp_path / "a" / name)).dataobj)
+    b = np.asanyarray(nib.load(str(tmp_path / "b" / name)).dataobj)
+    np.testing.assert_array_equal(a, b)  # temperature 0: the seed plays no part
+
+    bad = run("c", "--temperature", "-1")
+    assert bad.exit_code != 0
+    assert "infer.temperature must be >= 0, got -1.0" in bad.output
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())

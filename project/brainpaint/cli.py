@@ -36,6 +36,9 @@ def infer(
     sampler: Optional[str] = typer.Option(None, help="ddim | dpm2m | ddpm"),
     steps: Optional[int] = typer.Option(None, help="Sampling steps."),
     ensemble: Optional[int] = typer.Option(None, help="Samples averaged per case."),
+    temperature: Optional[float] = typer.Option(
+        None, help="Noise scale: 0 = one deterministic fill near the conditional mean, 1 = samples."
+    ),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     shard: Optional[str] = typer.Option(None, help="i/n: process every n-th case starting at i (0-based)."),
@@ -52,6 +55,7 @@ def infer(
             "infer.sampler": sampler,
             "infer.steps": steps,
             "infer.ensemble": ensemble,
+            "infer.temperature": temperature,
             "infer.seed": seed,
             "infer.device": device,
             "infer.weights": str(weights) if weights else None,
