@@ -325,7 +325,7 @@ class GaussianDiffusion:
         )
 
         x = noise(shape)
-        history: list[torch.Tensor] = []  # dpm2m: the previous step's x0 prediction
+        x0_prev: Optional[torch.Tensor] = None  # dpm2m: the previous step's x0 prediction
         indices = list(range(spaced.num_timesteps))[::-1]
         if progress:
             from tqdm.auto import tqdm
@@ -343,8 +343,8 @@ class GaussianDiffusion:
                 if i > 0:
                     x = x + torch.exp(0.5 * pred["log_variance"]) * noise(shape)
             elif sampler == "dpm2m":
-                x = spaced._dpm2m_step(pred["pred_x0"], history[-1] if history else None, x, i)
-                history = [pred["pred_x0"]]
+                x = spaced._dpm2m_step(pred["pred_x0"], x0_prev, x, i)
+                x0_prev = pred["pred_x0"]
             else:
                 x = spaced._ddim_step(pred, x, t, eta, noise if (eta > 0 and i > 0) else None)
         return x

@@ -600,7 +600,6 @@ def _run(cfg: Config, data_dir: Path, out_dir: Path, val_dir: Optional[Path], re
             _set_rng_state(state["rng"])
         say(f"resuming from {ckpt} at step {step}")
     elif tc.init_weights:
-        step = 0
         _warm_start(raw, ema, cfg, Path(tc.init_weights), device)
         say(f"starting from the weights in {tc.init_weights} (model and EMA; new optimizer, step 0)")
     if not ckpts or dist.world_size > 1:
