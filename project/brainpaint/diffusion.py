@@ -349,9 +349,9 @@ class GaussianDiffusion:
                 x = spaced._ddim_step(pred, x, t, eta, noise if (eta > 0 and i > 0) else None)
         return x
 
-    def _lambda(self, i: int) -> float:
-        """Half log-SNR, log(alpha / sigma), of step i of this (respaced) process."""
-        abar = float(self.alphas_cumprod[i])
+    @staticmethod
+    def _half_log_snr(abar: float) -> float:
+        """log(alpha / sigma) of a noise level abar = alpha^2 = 1 - sigma^2."""
         return 0.5 * math.log(abar / (1.0 - abar))
 
     def _dpm2m_step(self, x0: torch.Tensor, x0_prev: Optional[torch.Tensor], xt: torch.Tensor, i: int) -> torch.Tensor:
@@ -368,11 +368,11 @@ class GaussianDiffusion:
         abar_next = float(self.alphas_cumprod_prev[i])
         alpha_next, sigma_next = math.sqrt(abar_next), math.sqrt(1.0 - abar_next)
         sigma_now = math.sqrt(1.0 - float(self.alphas_cumprod[i]))
-        lam_now, lam_next = self._lambda(i), 0.5 * math.log(abar_next / (1.0 - abar_next))
+        lam_now, lam_next = self._half_log_snr(float(self.alphas_cumprod[i])), self._half_log_snr(abar_next)
         h = lam_next - lam_now
         data = x0
         if x0_prev is not None and i > 1:
-            r = (lam_now - self._lambda(i + 1)) / h
+            r = (lam_now - self._half_log_snr(float(self.alphas_cumprod[i + 1]))) / h
             data = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
         return (sigma_next / sigma_now) * xt - alpha_next * math.expm1(-h) * data
 
