@@ -266,6 +266,35 @@ def test_init_weights_of_another_network_is_refused(tmp_path, data, capsys):
     assert "train.init_weights: weights file not found" in capsys.readouterr().err
 
 
+def test_init_weights_widens_a_2d_network_into_a_25d_one_computing_the_same_function(tmp_path, data, capsys):
+    from brainpaint.unet import build_unet, network_channels
+
+    flat = tmp_path / "2d"
+    assert run_train(_cfg(train={"max_steps": 1}), data, flat) == 0
+    wide = tmp_path / "25d"
+    cfg_25d = _cfg(model={"context_slices": 1}, train={"max_steps": 0, "init_weights": str(flat / "model.safetensors")})
+    assert run_train(cfg_25d, data, wide) == 0
+    w2, w25 = load_file(str(flat / "model.safetensors")), load_file(str(wide / "model.safetensors"))
+    assert w25["input_blocks.0.0.weight"].shape[1] == 7 and w2["input_blocks.0.0.weight"].shape[1] == 3
+    assert all(torch.equal(w25[k], w2[k]) for k in w2 if k != "input_blocks.0.0.weight")
+
+    cfg_2d = _cfg()
+    net2 = build_unet(cfg_2d.model, *network_channels(cfg_2d)).eval()
+    net25 = build_unet(cfg_25d.model, *network_channels(cfg_25d)).eval()
+    net2.load_state_dict(w2)
+    net25.load_state_dict(w25)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 32, 32, generator=g)  # [b, m, b-, m-, b+, m+, x_t]
+    t = torch.tensor([5, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(net25(x, t), net2(x[:, [0, 1, 6]], t), rtol=1e-5, atol=1e-6)
+
+    # a 2.5D network cannot start a 2D one: it would lose inputs it was trained to use
+    back = _cfg(train={"max_steps": 0, "init_weights": str(wide / "model.safetensors")})
+    assert run_train(back, data, tmp_path / "back") == 1
+    assert "was trained with model.context_slices=1, the parameters say 0" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- kill, resume, SIGTERM
 def _start(data: Path, out: Path, params: Path, new_session: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "brainpaint", "train", "--data-path", str(data), "--output-path", str(out),

@@ -280,12 +280,14 @@ def _seed_all(seed: int) -> None:
 _RESUMABLE_DATA_KEYS = {"flip_prob", "extra_masks_per_volume", "num_workers", "cache_volumes"}
 
 
-def _check_same_model(saved: dict, cfg: Config, where: Path, hint: str = "use another output folder or --no-resume") -> None:
+def _check_same_model(
+    saved: dict, cfg: Config, where: Path, hint: str = "use another output folder or --no-resume", skip: tuple = ()
+) -> None:
     """Resuming with another network or data transform would silently train something else."""
     current = cfg.to_dict()
     for section in MODEL_SECTIONS:
         for key, value in current[section].items():
-            if section == "data" and key in _RESUMABLE_DATA_KEYS:
+            if section == "data" and key in _RESUMABLE_DATA_KEYS or f"{section}.{key}" in skip:
                 continue
             old = saved.get(section, {}).get(key)
             if old != value and not (isinstance(old, (list, tuple)) and list(old) == list(value or [])):
@@ -304,10 +306,39 @@ def _warm_start(raw: nn.Module, ema: "EMA", cfg: Config, weights: Path, device: 
         raise TrainError(f"train.init_weights: {weights} has no 'config' metadata; not a brainpaint weights file")
     # Weights files record the resolved architecture: compare with the resolved configuration.
     resolved = Config.from_dict(yaml.safe_load(model_config_yaml(cfg)))
-    _check_same_model(yaml.safe_load(meta["config"]) or {}, resolved, weights, hint="train a network like it or drop train.init_weights")
+    saved = yaml.safe_load(meta["config"]) or {}
+    hint = "train a network like it or drop train.init_weights"
+    _check_same_model(saved, resolved, weights, hint=hint, skip=("model.context_slices",))
+    saved_context = int(saved.get("model", {}).get("context_slices", 0) or 0)
+    context = int(cfg.model.context_slices)
+    if saved_context > context:
+        raise TrainError(
+            f"train.init_weights: {weights} was trained with model.context_slices={saved_context}, "
+            f"the parameters say {context}; a network cannot drop input channels, {hint}"
+        )
     tensors = load_file(str(weights), device=str(device))
+    if saved_context < context:
+        tensors[INPUT_CONV] = widen_input_conv(tensors[INPUT_CONV], saved_context, context)
     raw.load_state_dict(tensors)
     ema.load(tensors)
+
+
+INPUT_CONV = "input_blocks.0.0.weight"  # the U-Net's first convolution, [C, in_channels, 3, 3]
+
+
+def widen_input_conv(weight: torch.Tensor, saved_context: int, context: int) -> torch.Tensor:
+    """The first convolution of a network with `context` neighbours per side, from one with fewer.
+
+    Input channels are [b, m, neighbours by distance (b, m of z-1, z+1, z-2, ...), x_t]: the
+    channels both networks share keep their weights, the new neighbours' channels start at zero,
+    so the wider network computes exactly the function of the narrower one until it learns to
+    use its new inputs (a 2D model warm-starts a 2.5D one).
+    """
+    shared = 2 + 4 * saved_context
+    out = weight.new_zeros((weight.shape[0], 2 + 4 * context + 1, *weight.shape[2:]))
+    out[:, :shared] = weight[:, :shared]
+    out[:, -1] = weight[:, -1]
+    return out
 
 
 # --------------------------------------------------------------------------- weights files
