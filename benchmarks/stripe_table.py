@@ -22,6 +22,9 @@ Variants (`--variants` takes a comma-separated subset of these keys, in the orde
     t0, t0+gauss  temperature 0: DDIM from x_T = 0, one deterministic fill per case (+ filter)
     t0.5+gauss    temperature 0.5 + filter
     25d, 25d+gauss, 25d+combo   the same sampler settings with the --weights-25d model
+    25d+default   the --weights-25d model with the sampler of --parameters-file as it is
+    ctl, ctl+gauss, ctl+default the same with --weights-control: a 2D model trained with the
+                  2.5D model's budget, the equal-budget comparison
 
 `--variants harmonic,default` reproduces the harmonic-vs-shipped-model table alone.
 
@@ -84,9 +87,15 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "25d": ("2.5D model, plain sampler", "25d", PLAIN),
     "25d+gauss": ("2.5D model + Gaussian filter", "25d", {**PLAIN, **GAUSS}),
     "25d+combo": ("2.5D model + correlated noise (rho 0.9) + ensemble K=4 + filter", "25d", {**PLAIN, **COMBO}),
+    "25d+default": ("2.5D model, default sampler", "25d", {}),
+    "ctl": ("2D control (equal budget), plain sampler", "ctl", PLAIN),
+    "ctl+gauss": ("2D control (equal budget) + Gaussian filter", "ctl", {**PLAIN, **GAUSS}),
+    "ctl+default": ("2D control (equal budget), default sampler", "ctl", {}),
 }
 DEFAULT_VARIANTS = ["harmonic", "default", "plain", "gauss", "rho0.9", "ens4", "rho0.9+gauss", "combo", "t0", "t0+gauss"]
 DEFAULT_VARIANTS_25D = ["25d", "25d+gauss"]
+DEFAULT_VARIANTS_CONTROL = ["ctl", "ctl+gauss"]
+ROLE_NAMES = {"2d": "2D", "25d": "2.5D", "ctl": "2D control"}
 COLUMNS = ("stripe_index", "ssim", "psnr", "mse")
 
 
@@ -233,6 +242,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", help="2D model weights (default: infer.weights, else the shipped weights)")
     ap.add_argument("--weights-25d", help="2.5D model weights (model.context_slices > 0): adds the 2.5D rows")
+    ap.add_argument(
+        "--weights-control", help="2D weights trained with the 2.5D model's budget (the equal-budget control): adds the ctl rows"
+    )
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BraTS-layout cases with labels")
     ap.add_argument("--parameters-file", type=Path, default=DEFAULT_PARAMETERS, help="base sampler settings")
     ap.add_argument("--variants", help=f"comma-separated keys from: {', '.join(VARIANTS)}")
@@ -251,6 +263,7 @@ def main(argv=None) -> int:
         keys = [k.strip() for k in args.variants.split(",") if k.strip()]
     else:
         keys = DEFAULT_VARIANTS + (DEFAULT_VARIANTS_25D if args.weights_25d else [])
+        keys += DEFAULT_VARIANTS_CONTROL if args.weights_control else []
     unknown = [k for k in keys if k not in VARIANTS]
     if unknown:
         print(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
@@ -276,6 +289,10 @@ def main(argv=None) -> int:
             if not args.weights_25d:
                 raise InferenceSetupError("the 2.5D variants need --weights-25d")
             weights["25d"] = resolve_weights(args.weights_25d)
+        if any(VARIANTS[k][1] == "ctl" for k in keys):
+            if not args.weights_control:
+                raise InferenceSetupError("the 2D control variants need --weights-control")
+            weights["ctl"] = resolve_weights(args.weights_control)
     except InferenceSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -323,7 +340,7 @@ def main(argv=None) -> int:
         f"filter sigma {inf.smoothing_sigma}; seed {inf.seed}. Mean ± population std over cases.",
     ]
     for role, path in weights.items():
-        header.append(f"{'2.5D' if role == '25d' else '2D'} weights: {weights_label(path)}.")
+        header.append(f"{ROLE_NAMES[role]} weights: {weights_label(path)}.")
     header.append(f"s/volume: {device}, {torch.get_num_threads()} torch thread(s), end to end (load, sample, write).")
     command = "python benchmarks/stripe_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     text = "\n".join(

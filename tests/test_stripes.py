@@ -218,6 +218,17 @@ def test_stripe_table_runs_the_chosen_variants_on_one_mask_per_subject(tmp_path,
     ]
     assert all(" ± " in cell for r in rows[1:] for cell in r.split(" | ")[1:5])
 
+    # the equal-budget comparison: a 2.5D model and its 2D control, each at the default sampler
+    wide = tiny_weights(tmp_path / "tiny_25d.safetensors", context_slices=1)
+    rc = table.main(args + ["--variants", "ctl+default,25d+default", "--weights-25d", str(wide), "--weights-control", str(weights)])
+    printed = capsys.readouterr()
+    assert rc == 0
+    assert f"- 2.5D weights: {wide}." in printed.out and f"- 2D control weights: {weights}." in printed.out
+    rows = [line.split(" | ")[0] for line in printed.out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == ["| 2D control (equal budget), default sampler", "| 2.5D model, default sampler"]
+    assert table.main(args + ["--variants", "ctl"]) == 2
+    assert "the 2D control variants need --weights-control" in capsys.readouterr().err
+
     assert table.main(args + ["--variants", "plain,nonsense"]) == 2
     assert "unknown variant(s) nonsense" in capsys.readouterr().err
     assert table.main(["--data", str(tmp_path / "absent")]) == 0
