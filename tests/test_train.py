@@ -295,6 +295,17 @@ def test_init_weights_widens_a_2d_network_into_a_25d_one_computing_the_same_func
     assert "was trained with model.context_slices=1, the parameters say 0" in capsys.readouterr().err
 
 
+def test_shipped_training_configs_load_and_the_budget_arms_differ_only_in_context():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs, "no training configurations in configs/"
+    loaded = {p.stem: Config.load(p).to_dict() for p in configs}  # raises on unknown keys
+    flat, wide = loaded["budget_2d"], loaded["budget_25d"]
+    assert (flat["model"]["context_slices"], wide["model"]["context_slices"]) == (0, 1)
+    wide["model"]["context_slices"] = 0
+    assert wide == flat
+    assert (ROOT / flat["train"]["init_weights"]).is_file()
+
+
 # --------------------------------------------------------------------------- kill, resume, SIGTERM
 def _start(data: Path, out: Path, params: Path, new_session: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "brainpaint", "train", "--data-path", str(data), "--output-path", str(out),
