@@ -7,8 +7,10 @@ This script runs every variant through the real pipeline (`brainpaint.batch.run_
 validation cases and prints one markdown table, mean ± population std over cases:
 
     python benchmarks/stripe_table.py --weights workspace/additional_files/model.safetensors \
-        --out docs/STRIPES.md
+        --weights-control runs/budget_2d/model.safetensors --weights-25d runs/budget_25d/model.safetensors
 
+Without --variants it runs harmonic, plain, gauss, rho0.9+gauss, combo, t0 and default, then
+ctl+default and 25d+default when their weights are given (the README's table).
 Variants (`--variants` takes a comma-separated subset of these keys, in the order given):
 
     harmonic      the classical 3D harmonic fill (no network): the reference
@@ -92,9 +94,10 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "ctl+gauss": ("2D control (equal budget) + Gaussian filter", "ctl", {**PLAIN, **GAUSS}),
     "ctl+default": ("2D control (equal budget), default sampler", "ctl", {}),
 }
-DEFAULT_VARIANTS = ["harmonic", "default", "plain", "gauss", "rho0.9", "ens4", "rho0.9+gauss", "combo", "t0", "t0+gauss"]
-DEFAULT_VARIANTS_25D = ["25d", "25d+gauss"]
-DEFAULT_VARIANTS_CONTROL = ["ctl", "ctl+gauss"]
+# The README's table: every option once, then the equal-budget pair when both weights are given.
+DEFAULT_VARIANTS = ["harmonic", "plain", "gauss", "rho0.9+gauss", "combo", "t0", "default"]
+DEFAULT_VARIANTS_CONTROL = ["ctl+default"]
+DEFAULT_VARIANTS_25D = ["25d+default"]
 ROLE_NAMES = {"2d": "2D", "25d": "2.5D", "ctl": "2D control"}
 COLUMNS = ("stripe_index", "ssim", "psnr", "mse")
 
@@ -262,8 +265,8 @@ def main(argv=None) -> int:
     if args.variants:
         keys = [k.strip() for k in args.variants.split(",") if k.strip()]
     else:
-        keys = DEFAULT_VARIANTS + (DEFAULT_VARIANTS_25D if args.weights_25d else [])
-        keys += DEFAULT_VARIANTS_CONTROL if args.weights_control else []
+        keys = DEFAULT_VARIANTS + (DEFAULT_VARIANTS_CONTROL if args.weights_control else [])
+        keys += DEFAULT_VARIANTS_25D if args.weights_25d else []
     unknown = [k for k in keys if k not in VARIANTS]
     if unknown:
         print(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
