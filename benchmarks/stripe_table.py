@@ -284,18 +284,20 @@ def main(argv=None) -> int:
         fixed["infer.steps"] = args.steps
     if args.device:
         fixed["infer.device"] = args.device
+    # role -> (weights file, the option that must give it; the 2D role falls back to the shipped weights)
+    given = {
+        "2d": (args.weights or base.infer.weights, None),
+        "25d": (args.weights_25d, "--weights-25d"),
+        "ctl": (args.weights_control, "--weights-control"),
+    }
+    used = {VARIANTS[k][1] for k in keys}
     weights = {}
     try:
-        if any(VARIANTS[k][1] == "2d" for k in keys):
-            weights["2d"] = resolve_weights(args.weights or base.infer.weights)
-        if any(VARIANTS[k][1] == "25d" for k in keys):
-            if not args.weights_25d:
-                raise InferenceSetupError("the 2.5D variants need --weights-25d")
-            weights["25d"] = resolve_weights(args.weights_25d)
-        if any(VARIANTS[k][1] == "ctl" for k in keys):
-            if not args.weights_control:
-                raise InferenceSetupError("the 2D control variants need --weights-control")
-            weights["ctl"] = resolve_weights(args.weights_control)
+        for role in (r for r in ROLE_NAMES if r in used):
+            path, option = given[role]
+            if option and not path:
+                raise InferenceSetupError(f"the {ROLE_NAMES[role]} variants need {option}")
+            weights[role] = resolve_weights(path)
     except InferenceSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -287,7 +287,7 @@ def _check_same_model(
     current = cfg.to_dict()
     for section in MODEL_SECTIONS:
         for key, value in current[section].items():
-            if section == "data" and key in _RESUMABLE_DATA_KEYS or f"{section}.{key}" in skip:
+            if (section == "data" and key in _RESUMABLE_DATA_KEYS) or f"{section}.{key}" in skip:
                 continue
             old = saved.get(section, {}).get(key)
             if old != value and not (isinstance(old, (list, tuple)) and list(old) == list(value or [])):
@@ -318,27 +318,11 @@ def _warm_start(raw: nn.Module, ema: "EMA", cfg: Config, weights: Path, device: 
         )
     tensors = load_file(str(weights), device=str(device))
     if saved_context < context:
-        tensors[INPUT_CONV] = widen_input_conv(tensors[INPUT_CONV], saved_context, context)
+        from .unet import INPUT_CONV, network_channels, widen_input_conv
+
+        tensors[INPUT_CONV] = widen_input_conv(tensors[INPUT_CONV], network_channels(cfg)[0])
     raw.load_state_dict(tensors)
     ema.load(tensors)
-
-
-INPUT_CONV = "input_blocks.0.0.weight"  # the U-Net's first convolution, [C, in_channels, 3, 3]
-
-
-def widen_input_conv(weight: torch.Tensor, saved_context: int, context: int) -> torch.Tensor:
-    """The first convolution of a network with `context` neighbours per side, from one with fewer.
-
-    Input channels are [b, m, neighbours by distance (b, m of z-1, z+1, z-2, ...), x_t]: the
-    channels both networks share keep their weights, the new neighbours' channels start at zero,
-    so the wider network computes exactly the function of the narrower one until it learns to
-    use its new inputs (a 2D model warm-starts a 2.5D one).
-    """
-    shared = 2 + 4 * saved_context
-    out = weight.new_zeros((weight.shape[0], 2 + 4 * context + 1, *weight.shape[2:]))
-    out[:, :shared] = weight[:, :shared]
-    out[:, -1] = weight[:, -1]
-    return out
 
 
 # --------------------------------------------------------------------------- weights files

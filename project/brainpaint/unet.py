@@ -91,6 +91,24 @@ def network_channels(cfg) -> tuple[int, int]:
     return in_channels, out_channels
 
 
+INPUT_CONV = "input_blocks.0.0.weight"  # state-dict key of the first convolution, [C, in, k, k]
+
+
+def widen_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """The first convolution of a network with more context slices, from one with fewer.
+
+    More context slices append conditioning channels after the existing ones, and x_t stays
+    last (see `network_channels`): the shared channels keep their weights and the new ones start
+    at zero, so the wider network computes exactly the function of the narrower one until it
+    learns to use its new inputs (a 2D model warm-starts a 2.5D one).
+    """
+    shared = weight.shape[1] - 1  # the conditioning channels both networks have
+    out = weight.new_zeros((weight.shape[0], in_channels, *weight.shape[2:]))
+    out[:, :shared] = weight[:, :shared]
+    out[:, -1] = weight[:, -1]
+    return out
+
+
 def build_unet(model_cfg, in_channels: int, out_channels: int) -> "UNet":
     """Build the U-Net described by ``model_cfg`` (preset plus overrides)."""
     return UNet(in_channels=in_channels, out_channels=out_channels, **resolve_architecture(model_cfg))
