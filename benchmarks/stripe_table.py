@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brainpaint.atomic import write_text
 from brainpaint.batch import run_infer
 from brainpaint.brats_io import discover_cases
 from brainpaint.config import Config
@@ -235,10 +236,8 @@ def display_path(path: Path) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    from brainpaint.evaluate import write_text_atomic
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
+    write_text(path, text)
 
 
 def main(argv=None) -> int:

@@ -34,8 +34,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .atomic import temp_owner
 from .brats_io import CaseData, CaseError, cast_to_dtype, discover_cases, load_case, prediction_name, warn, write_nifti_atomic
 from .config import Config
+from .errors import BatchSetupError
 from .harmonic import harmonic_fill
 
 
@@ -47,10 +49,6 @@ class Prediction:
 
 
 Predictor = Callable[[CaseData, int], Prediction]
-
-
-class BatchSetupError(RuntimeError):
-    """The run as a whole cannot start (bad shard string, unusable folders)."""
 
 
 def case_seed(base_seed: int, case_id: str) -> int:
@@ -127,15 +125,13 @@ def check_output_dir(out_dir: Path) -> None:
 def remove_stale_temporaries(out_dir: Path, case_id: str) -> None:
     """Delete temporary files that a killed earlier run left for this case.
 
-    Only this run's cases are touched (shards never share a case), and a file whose writer
-    process is still alive on this machine is left alone."""
-    prefix = f".{prediction_name(case_id)}.tmp-"
-    for path in out_dir.glob(f"{glob.escape(prefix)}*"):
-        match = re.fullmatch(r"(\d+)(\.nii\.gz)?", path.name[len(prefix):])
-        if not match:
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and _process_alive(pid):
+    Temporaries are recognised by the naming of `atomic.atomic_write`. Only this run's cases are
+    touched (shards never share a case), and a file whose writer process is still alive on this
+    machine is left alone."""
+    name = prediction_name(case_id)
+    for path in out_dir.glob(f".{glob.escape(name)}*"):
+        pid = temp_owner(path, name)
+        if pid is None or (pid != os.getpid() and _process_alive(pid)):
             continue
         with contextlib.suppress(OSError):
             path.unlink()

@@ -19,12 +19,11 @@ Voxel spacing. The network works in voxels, so a spacing other than 1 mm does no
 it is reported as a warning on stderr and the case proceeds. Only spacings that cannot be a
 brain MRI (non-finite, <= 0 or above 20 mm) are errors.
 
-Writing. `write_nifti_atomic` writes to a hidden temporary name in the destination folder and
-renames it into place, so a crash never leaves a partial prediction under its final name.
+Writing. `write_nifti_atomic` writes through `atomic.atomic_write`, so a crash never leaves a
+partial prediction under its final name.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,9 @@ from typing import Optional
 
 import nibabel as nib
 import numpy as np
+
+from .atomic import atomic_write
+from .errors import CaseError
 
 # File role -> file-name suffix after "<ID>-".
 SUFFIXES = {
@@ -45,15 +47,6 @@ INFERENCE_ROLES = ("voided", "mask")
 LABEL_ROLES = ("voided", "mask", "t1n", "mask_healthy")
 AFFINE_TOLERANCE = 1e-4
 MAX_SPACING_MM = 20.0
-
-
-class CaseError(Exception):
-    """A problem with one case; `str()` is one line: '<case_id>: <problem>'."""
-
-    def __init__(self, case_id: str, problem: str):
-        self.case_id = str(case_id)
-        self.problem = " ".join(str(problem).split())  # always a single line
-        super().__init__(f"{self.case_id}: {self.problem}")
 
 
 @dataclass
@@ -252,8 +245,7 @@ def write_nifti_atomic(array: np.ndarray, like_header, affine: np.ndarray, path:
     """Write `array` as NIfTI at `path` with the header fields of `like_header` (orientation
     codes, units, description), the given affine, `dtype` on disk and no intensity scaling.
 
-    The file appears under its final name only when complete: it is written to a hidden
-    temporary name in the same folder (same file system) and then renamed with `os.replace`.
+    The file appears under its final name only when complete (`atomic.atomic_write`).
     """
     path = Path(path)
     dtype = np.dtype(dtype if dtype is not None else np.asarray(array).dtype)
@@ -268,12 +260,6 @@ def write_nifti_atomic(array: np.ndarray, like_header, affine: np.ndarray, path:
     img = klass(data, affine, header=header)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-    try:
+    with atomic_write(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

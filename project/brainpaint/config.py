@@ -13,9 +13,8 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A parameters file that cannot be used."""
+from .atomic import write_text
+from .errors import ConfigError
 
 
 @dataclass
@@ -161,7 +160,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def override(self, dotted: dict[str, Any]) -> "Config":
         """Return a copy with `{"infer.steps": 10, ...}` applied."""

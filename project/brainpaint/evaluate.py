@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .atomic import write_text
 from .brats_io import CaseError, check_finite, check_geometry, check_mask, discover_cases, open_image, prediction_name
 from .config import Config
 
@@ -108,17 +109,6 @@ def score_case(case, pred_path: Path, with_stripes: bool = True) -> dict[str, fl
     return row
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file under a temporary name in its folder, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Mean and population std of every numeric column, ignoring NaN (with their count)."""
     keys = [k for k in rows[0] if k != "case"] if rows else list(MAIN_METRICS)
@@ -189,8 +179,8 @@ def run_evaluate(cfg: Config, pred_dir: str | Path, label_dir: str | Path, out_f
         "labels": str(label_dir),
     }
     try:
-        write_text_atomic(out_file, buffer.getvalue())
-        write_text_atomic(summary_file, yaml.safe_dump(summary, sort_keys=False))
+        write_text(out_file, buffer.getvalue())
+        write_text(summary_file, yaml.safe_dump(summary, sort_keys=False))
     except OSError as exc:
         print(f"error: cannot write {out_file}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .brats_io import CaseError
+from .errors import CaseError
 
 Box = tuple[slice, slice]
 

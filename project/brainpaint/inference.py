@@ -33,15 +33,12 @@ import torch
 from scipy import ndimage
 
 from .config import Config
+from .errors import InferenceSetupError
 
 # Where the shipped weights live (repo checkout and MLCube workspace alike); overridable by
 # `infer.weights` / `--weights`, or the BRAINPAINT_WEIGHTS environment variable.
 WEIGHTS_ENV = "BRAINPAINT_WEIGHTS"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "workspace" / "additional_files" / "model.safetensors"
-
-
-class InferenceSetupError(RuntimeError):
-    """The predictor cannot be built (missing weights, unusable device); the message is one line."""
 
 
 # --------------------------------------------------------------------------- set-up helpers

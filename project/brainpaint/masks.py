@@ -33,11 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .errors import MaskPlacementError
+
 MIN_BRAIN_OVERLAP = 0.75
-
-
-class MaskPlacementError(ValueError):
-    """No valid position was found for a mask (brain too small, or `avoid` too large)."""
 
 
 @dataclass

@@ -39,7 +39,6 @@ reproduces mask `k` from the manifest's `seed`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -53,7 +52,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from . import masks as maskgen
+from .atomic import atomic_folder, write_text
 from .brats_io import SUFFIXES, write_nifti_atomic
+from .errors import PrepareError
 
 TARGET_SHAPE = (240, 240, 155)
 DEFAULT_VOLUME_RANGE_CM3 = (5.0, 200.0)
@@ -62,15 +63,6 @@ CASE_PREFIX = "BraTS-SYN"
 INT16_MAX = 32767
 RESCALED_MAX = 4095.0
 FULL_LAYOUT = ("t1n", "voided", "mask", "mask_healthy", "mask_unhealthy")
-
-
-class PrepareError(ValueError):
-    """A problem with one input file; `str()` is one line naming the file."""
-
-    def __init__(self, source: str, problem: str):
-        self.source = str(source)
-        self.problem = " ".join(str(problem).split())
-        super().__init__(f"{self.source}: {self.problem}")
 
 
 @dataclass
@@ -264,10 +256,6 @@ def write_case(
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / cid
-    tmp = parent / f".{cid}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     mask = mask.astype(bool)
     arrays = {
         "t1n": (t1n, np.int16),
@@ -276,27 +264,11 @@ def write_case(
         "mask_healthy": (mask, np.uint8),
         "mask_unhealthy": (np.zeros(mask.shape, np.uint8), np.uint8),
     }
-    try:
+    with atomic_folder(final) as tmp:
         for role in layout:
             array, dtype = arrays[role]
             write_nifti_atomic(array.astype(dtype), _header(), affine, tmp / f"{cid}-{SUFFIXES[role]}", dtype=dtype)
-        old = None
-        if final.exists():
-            old = parent / f".{cid}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- one subject
@@ -391,7 +363,7 @@ def run_prepare(
         "cases": cases,
         "failed": failed,
     }
-    _write_json_atomic(manifest, output_path / "manifest.json")
+    write_text(output_path / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     n_val = sum(c["split"] == "val" for c in cases)
     print(
         f"prepared {len(cases)} cases ({len(cases) - n_val} train, {n_val} val) from "

@@ -11,12 +11,13 @@ Only numpy, scipy and pillow are needed.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from .atomic import atomic_write
 
 OUTLINE_RGB = (255, 0, 0)
 VIEWS = ("axial", "coronal", "sagittal")
@@ -120,10 +121,5 @@ def write_qa_report(data, output_volume: np.ndarray, png_path: Path) -> None:
             zooms = (1.0, 1.0, 1.0)
     image = compose(render_panels(data.voided, output_volume, data.mask, zooms))
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_write(png_path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, png_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import Config, ConfigError
+from .errors import TrainError
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
@@ -52,10 +53,6 @@ LOG_FIELDS = ["step", "time_s", "loss", "mse", "vb", "lr", "it_per_s", "slices_p
 WEIGHTS_NAME = "model.safetensors"
 # Sections of the configuration that define what a weights file computes.
 MODEL_SECTIONS = ("model", "diffusion", "data")
-
-
-class TrainError(RuntimeError):
-    """A training run that cannot start or continue; the message is one line."""
 
 
 # --------------------------------------------------------------------------- small helpers

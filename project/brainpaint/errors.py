@@ -1,0 +1,54 @@
+"""Every error the package reports to a user, in one place.
+
+Each one's `str()` is a single line meant to be printed as it is (`error: <message>`): the
+command-line layers catch these and only these, so any other exception is a bug and keeps its
+traceback.
+"""
+from __future__ import annotations
+
+
+def one_line(text) -> str:
+    """`text` with every run of whitespace (newlines included) turned into one space."""
+    return " ".join(str(text).split())
+
+
+class ConfigError(ValueError):
+    """A parameters file (or option) that cannot be used; names the `section.key` at fault."""
+
+
+class CaseError(Exception):
+    """A problem with one case; `str()` is one line: '<case_id>: <problem>'."""
+
+    def __init__(self, case_id: str, problem: str):
+        self.case_id = str(case_id)
+        self.problem = one_line(problem)
+        super().__init__(f"{self.case_id}: {self.problem}")
+
+
+class PrepareError(ValueError):
+    """A problem with one input file of `prepare`; `str()` is one line naming the file."""
+
+    def __init__(self, source: str, problem: str):
+        self.source = str(source)
+        self.problem = one_line(problem)
+        super().__init__(f"{self.source}: {self.problem}")
+
+
+class MaskPlacementError(ValueError):
+    """No valid position was found for a mask (brain too small, or `avoid` too large)."""
+
+
+class BatchSetupError(RuntimeError):
+    """A batch run as a whole cannot start (bad shard string, unusable folders)."""
+
+
+class InferenceSetupError(RuntimeError):
+    """The predictor cannot be built (missing weights, unusable device); the message is one line."""
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or continue; the message is one line."""
+
+
+class DeviceError(InferenceSetupError, TrainError):
+    """A device setting this machine cannot honour: a set-up error of inference and training alike."""
