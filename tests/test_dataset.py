@@ -14,7 +14,6 @@ from brainpaint.dataset import (
     SliceDataset,
     TrainStream,
     VolumeInputs,
-    crop2d,
     decode_sample,
     encode_target,
     slice_conditioning,
@@ -109,13 +108,6 @@ def test_slice_conditioning_channels_neighbours_and_box():
     assert not ctx[6].any() and not ctx[7].any()
     np.testing.assert_array_equal(ctx[8], b[1:5, :, 2])
 
-
-def test_crop2d_zero_pads_outside_the_grid():
-    image = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
-    out = crop2d(image, (slice(-1, 3), slice(2, 6)))
-    assert out.shape == (4, 4)
-    assert not out[0].any() and not out[:, 2:].any()
-    np.testing.assert_array_equal(out[1:, :2], image[:, 2:])
 
 
 # --------------------------------------------------------------------------- the data set

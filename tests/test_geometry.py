@@ -93,3 +93,32 @@ def test_mask_box_on_a_small_grid_covers_it_and_pads():
     box = mask_box(mask, min_size=64, multiple=16, margin=4, shape=mask.shape)
     assert box == (slice(0, 48), slice(0, 48))
     assert patch_shape(box, size=64, multiple=16) == (64, 64)
+
+
+def test_crop_zero_pads_outside_the_grid_on_every_side_and_paste_writes_only_the_grid_part():
+    image = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    box = (slice(-1, 3), slice(2, 6))
+    out = crop(image, box)
+    assert out.shape == (4, 4) and out.dtype == np.float32
+    assert not out[0].any() and not out[:, 2:].any()
+    np.testing.assert_array_equal(out[1:, :2], image[:, 2:])
+    back = paste(out * 10, box, np.zeros_like(image))
+    np.testing.assert_array_equal(back[:, 2:], 10 * image[:, 2:])
+    assert not back[:, :2].any()
+    where = np.zeros(image.shape, bool)
+    where[1, 3] = True
+    only = paste(out * 10, box, image.copy(), where=where)
+    assert only[1, 3] == 10 * image[1, 3] and np.array_equal(np.delete(only.ravel(), 7), np.delete(image.ravel(), 7))
+    assert not crop(image, (slice(5, 8), slice(0, 2))).any()  # wholly off the grid
+
+
+def test_crop_and_paste_of_a_3d_box_reaching_past_the_grid():
+    volume = np.random.default_rng(1).random((5, 6, 7)) > 0.5
+    box = (slice(-2, 3), slice(4, 9), slice(1, 6))
+    patch = crop(volume, box)
+    assert patch.shape == (5, 5, 5) and patch.dtype == bool
+    np.testing.assert_array_equal(patch[2:, :2], volume[:3, 4:, 1:6])
+    assert not patch[:2].any() and not patch[:, 2:].any()
+    back = paste(patch, box, np.zeros_like(volume))
+    np.testing.assert_array_equal(back[:3, 4:, 1:6], volume[:3, 4:, 1:6])
+    assert back.sum() == volume[:3, 4:, 1:6].sum()

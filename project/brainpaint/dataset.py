@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .brats_io import CaseError, discover_cases, load_case
+from .geometry import crop, full_slice_box
 from .intensity import IntensityMap
 
 PRIORS = ("none", "harmonic")
@@ -92,21 +93,6 @@ def decode_sample(x0, b, prior: str):
     return out.clip(0, 1)
 
 
-def crop2d(image: np.ndarray, box) -> np.ndarray:
-    """Cut the in-plane box (slice_x, slice_y) out of a [X, Y] image, zero outside the grid.
-
-    Boxes may reach past the grid (small volumes, crops near the edge); those parts are zero,
-    like the background they stand for.
-    """
-    sx, sy = box
-    out = np.zeros((sx.stop - sx.start, sy.stop - sy.start), dtype=np.float32)
-    x0, x1 = max(sx.start, 0), min(sx.stop, image.shape[0])
-    y0, y1 = max(sy.start, 0), min(sy.stop, image.shape[1])
-    if x1 > x0 and y1 > y0:
-        out[x0 - sx.start : x1 - sx.start, y0 - sy.start : y1 - sy.start] = image[x0:x1, y0:y1]
-    return out
-
-
 def slice_conditioning(vin: VolumeInputs, z: int, box, context_slices: int) -> np.ndarray:
     """Conditioning channels of slice z: [b_z, m_z, b_{z-1}, m_{z-1}, b_{z+1}, m_{z+1}, ...].
 
@@ -121,7 +107,7 @@ def slice_conditioning(vin: VolumeInputs, z: int, box, context_slices: int) -> n
     for off in offsets:
         zz = z + off
         if 0 <= zz < depth:
-            channels += [crop2d(vin.b[:, :, zz], box), crop2d(vin.mask[:, :, zz], box)]
+            channels += [crop(vin.b[:, :, zz], box), crop(vin.mask[:, :, zz], box)]
         else:
             blank = np.zeros((box[0].stop - box[0].start, box[1].stop - box[1].start), np.float32)
             channels += [blank, blank]
@@ -301,8 +287,6 @@ class SliceDataset(Dataset):
 
         full_box = None
         if self.cfg.data.crop_size is None:
-            from .geometry import full_slice_box
-
             # The same brain extent as inference uses (non-zero voided voxels or the mask).
             size = int(self.cfg.data.slice_size)
             box = full_slice_box((t1n != 0) | mask, size=size, case_id=case.id)
@@ -347,7 +331,7 @@ class SliceDataset(Dataset):
         else:
             box = self.crop_box(entry.vin.mask[:, :, zl] > 0, rng, jitter=augment)
         cond = slice_conditioning(entry.vin, zl, box, int(self.cfg.model.context_slices))
-        x0 = encode_target(crop2d(entry.gt[:, :, zl], box), cond[0], self.cfg.data.prior)[None]
+        x0 = encode_target(crop(entry.gt[:, :, zl], box), cond[0], self.cfg.data.prior)[None]
         if augment and rng.random() < float(self.cfg.data.flip_prob):
             # Left-right flip (first volume axis): brains are roughly symmetric, other flips are not.
             cond, x0 = cond[:, ::-1], x0[:, ::-1]

@@ -1,8 +1,10 @@
-"""In-plane boxes between the image grid (240x240 in BraTS) and the network's slices.
+"""Boxes between the image grid (240x240 in BraTS) and the network's slices; crop and paste.
 
-A box is a pair `(slice_x, slice_y)` over the first two volume axes, always inside the grid, so
-`volume[box]` is valid. When the grid is smaller than the wanted patch, the box covers the whole
-axis and `crop` zero-pads the patch at its high end to `patch_shape(...)`; `paste` undoes it.
+A box is a tuple of slices over the leading axes of an array, `(slice_x, slice_y)` for the
+in-plane boxes of the network. `crop` and `paste` are the one pair of functions that move data
+between a grid and a box; a box may reach past the grid on any side (a small grid, a crop
+near the edge, a blob placed at the brain's border): `crop` reads zeros there, like the
+background they stand for, and `paste` writes back only the part that lies on the grid.
 
 `full_slice_box` chooses the size x size window (224 for the BraTS grid) for whole-slice
 networks. Only background may be cut: if the brain (plus mask) does not fit in the window, the
@@ -20,7 +22,7 @@ import numpy as np
 
 from .errors import CaseError
 
-Box = tuple[slice, slice]
+Box = tuple[slice, ...]
 
 
 def _inplane_extent(array: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -101,8 +103,13 @@ def mask_box(
     return sx, sy
 
 
-def box_size(box: Box) -> tuple[int, int]:
-    return box[0].stop - box[0].start, box[1].stop - box[1].start
+def box_size(box: Box) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in box)
+
+
+def cube(offset, size: int) -> Box:
+    """The box of `size` voxels along every axis starting at `offset` (may be negative)."""
+    return tuple(slice(int(o), int(o) + size) for o in offset)
 
 
 def patch_shape(box: Box, size: int = 0, multiple: int = 1) -> tuple[int, int]:
@@ -110,19 +117,51 @@ def patch_shape(box: Box, size: int = 0, multiple: int = 1) -> tuple[int, int]:
     return tuple(int(math.ceil(max(n, size) / multiple)) * multiple for n in box_size(box))  # type: ignore[return-value]
 
 
-def crop(array: np.ndarray, box: Box, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """`array[box]` (any trailing axes kept), zero-padded at the high end to `shape`."""
-    patch = np.asarray(array)[box[0], box[1]]
-    if shape is None or tuple(shape) == patch.shape[:2]:
-        return patch
-    if shape[0] < patch.shape[0] or shape[1] < patch.shape[1]:
-        raise ValueError(f"patch {patch.shape[:2]} is larger than the requested shape {tuple(shape)}")
-    pad = [(0, shape[0] - patch.shape[0]), (0, shape[1] - patch.shape[1])] + [(0, 0)] * (patch.ndim - 2)
-    return np.pad(patch, pad)
+def _on_grid(box: Box, shape) -> tuple[Box, Box] | None:
+    """(slices of the grid, matching slices of the box) of the part of `box` that lies on a grid
+    of `shape`; None when they do not overlap."""
+    grid, local = [], []
+    for sl, n in zip(box, shape):
+        lo, hi = max(sl.start, 0), min(sl.stop, n)
+        if hi <= lo:
+            return None
+        grid.append(slice(lo, hi))
+        local.append(slice(lo - sl.start, hi - sl.start))
+    return tuple(grid), tuple(local)
 
 
-def paste(patch: np.ndarray, box: Box, out: np.ndarray) -> np.ndarray:
-    """Write a (possibly padded) patch back into `out[box]` in place and return `out`."""
-    w, h = box_size(box)
-    out[box[0], box[1]] = np.asarray(patch)[:w, :h]
+def crop(array: np.ndarray, box: Box, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The `box` of `array` as a new array (trailing axes kept), zero where the box leaves the grid.
+
+    `shape` grows the box at its high end to that size (the network patch of `patch_shape`).
+    """
+    array = np.asarray(array)
+    if shape is not None:
+        if any(n < s for n, s in zip(shape, box_size(box))):
+            raise ValueError(f"patch {box_size(box)} is larger than the requested shape {tuple(shape)}")
+        box = tuple(slice(s.start, s.start + n) for s, n in zip(box, shape))
+    out = np.zeros(box_size(box) + array.shape[len(box):], dtype=array.dtype)
+    part = _on_grid(box, array.shape)
+    if part is not None:
+        out[part[1]] = array[part[0]]
+    return out
+
+
+def paste(patch: np.ndarray, box: Box, out: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """Write `patch` (box-sized, or padded past it) into `out` at `box`, in place, and return `out`.
+
+    Only the part of the box on the grid is written; with `where` (grid-sized, bool) only the
+    voxels where it is true.
+    """
+    part = _on_grid(box, out.shape)
+    if part is None:
+        return out
+    grid, local = part
+    values = np.asarray(patch)[local]
+    if where is None:
+        out[grid] = values
+    else:
+        region = out[grid]
+        inside = np.asarray(where)[grid]
+        region[inside] = values[inside]
     return out

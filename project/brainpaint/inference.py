@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from . import geometry
 from .config import Config
 from .errors import InferenceSetupError
 
@@ -138,25 +139,6 @@ class CorrelatedNoise:
         return noise_fn
 
 
-def _clip_box(box: tuple[slice, slice], shape: tuple[int, int]):
-    """Split a possibly out-of-grid box into (grid slices, matching slices of the box array)."""
-    grid, local = [], []
-    for sl, n in zip(box, shape):
-        start, stop = sl.start or 0, sl.stop if sl.stop is not None else n
-        lo, hi = max(start, 0), min(stop, n)
-        grid.append(slice(lo, hi))
-        local.append(slice(lo - start, hi - start))
-    return tuple(grid), tuple(local)
-
-
-def paste2d(target: np.ndarray, box: tuple[slice, slice], values: np.ndarray, where: np.ndarray) -> None:
-    """Write `values` (box-sized) into `target[box]` at voxels where `where` (grid-sized) is true."""
-    grid, local = _clip_box(box, target.shape[:2])
-    region = target[grid]
-    sel = where[grid]
-    region[sel] = values[local][sel]
-
-
 # --------------------------------------------------------------------------- the predictor
 class DiffusionInpainter:
     """Predictor `(data: CaseData, seed: int) -> Prediction` backed by a trained diffusion model.
@@ -214,10 +196,8 @@ class DiffusionInpainter:
         box around the mask grown by `infer.crop_margin`. Where the grid is smaller than the
         network patch (or not a multiple of the U-Net's downsampling factor), the box is
         extended past the high end of the grid; `slice_conditioning` fills that part with
-        zeros (background), as `geometry.crop` pads training patches, and `paste2d` ignores it.
+        zeros (background), as `geometry.crop` pads training patches, and `geometry.paste` ignores it.
         """
-        from . import geometry
-
         mask = np.asarray(data.mask, dtype=bool)
         if self.data_cfg.crop_size is None:
             size = int(self.data_cfg.slice_size)
@@ -306,7 +286,7 @@ class DiffusionInpainter:
             filled = base.copy()
             images = decode_sample(x0, b_crops, self.data_cfg.prior)
             for i, z in enumerate(zs):
-                paste2d(filled[:, :, z], box, np.asarray(images[i], dtype=np.float32), mask[:, :, z])
+                geometry.paste(np.asarray(images[i], dtype=np.float32), box, filled[:, :, z], where=mask[:, :, z])
             members[k] = filled[mask]
 
         mean = base.copy()

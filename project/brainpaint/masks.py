@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import MaskPlacementError
+from .geometry import crop, cube, paste
 
 MIN_BRAIN_OVERLAP = 0.75
 
@@ -211,7 +212,7 @@ def _try_position(ctx: _Context, field: np.ndarray, centre: np.ndarray, target: 
     """
     size = field.shape[0]
     offset = centre - size // 2
-    brain_box = _crop(ctx.brain, offset, size)
+    brain_box = crop(ctx.brain, cube(offset, size))
     # With clipping, threshold so that `target` voxels of the blob fall inside the brain.
     values = field[brain_box] if ctx.clip else field.ravel()
     if values.size < target:
@@ -223,7 +224,7 @@ def _try_position(ctx: _Context, field: np.ndarray, centre: np.ndarray, target: 
     overlap = float(np.count_nonzero(blob & brain_box)) / max(np.count_nonzero(blob), 1)
     if overlap < ctx.min_overlap:
         return None
-    if ctx.blocked is not None and (blob & _crop(ctx.blocked, offset, size)).any():
+    if ctx.blocked is not None and (blob & crop(ctx.blocked, cube(offset, size))).any():
         return None
     return overlap, threshold, offset, centre
 
@@ -231,7 +232,7 @@ def _try_position(ctx: _Context, field: np.ndarray, centre: np.ndarray, target: 
 def _finish(ctx: _Context, field: np.ndarray, threshold: float, offset, centre) -> GeneratedMask | None:
     """Turn the winning candidate into a solid one-piece mask and re-check the rules."""
     size = field.shape[0]
-    brain_box = _crop(ctx.brain, offset, size)
+    brain_box = crop(ctx.brain, cube(offset, size))
     blob = _largest_component(ndimage.binary_fill_holes(field >= threshold))
     count = int(blob.sum())
     if count == 0:
@@ -239,10 +240,10 @@ def _finish(ctx: _Context, field: np.ndarray, threshold: float, offset, centre) 
     overlap = float(np.count_nonzero(blob & brain_box)) / count
     if overlap < ctx.min_overlap:
         return None
-    if ctx.blocked is not None and (blob & _crop(ctx.blocked, offset, size)).any():
+    if ctx.blocked is not None and (blob & crop(ctx.blocked, cube(offset, size))).any():
         return None
     kept = _largest_component(blob & brain_box) if ctx.clip else blob
-    mask = _paste(kept, offset, ctx.brain.shape)
+    mask = paste(kept, cube(offset, size), np.zeros(ctx.brain.shape, dtype=bool))
     volume = int(np.count_nonzero(mask))
     return GeneratedMask(
         mask=mask,
@@ -254,36 +255,6 @@ def _finish(ctx: _Context, field: np.ndarray, threshold: float, offset, centre) 
         centre=tuple(int(v) for v in centre),
         seed=0,
     )
-
-
-def _crop(volume: np.ndarray, offset: np.ndarray, size: int) -> np.ndarray:
-    """The `size`³ box of a bool volume starting at `offset`; outside the grid reads False."""
-    out = np.zeros((size,) * 3, dtype=bool)
-    src, dst = _overlap_slices(offset, size, volume.shape)
-    if src is not None:
-        out[dst] = volume[src]
-    return out
-
-
-def _paste(blob: np.ndarray, offset, shape) -> np.ndarray:
-    """The blob on a full grid of `shape` (parts off the grid are dropped)."""
-    out = np.zeros(shape, dtype=bool)
-    src, dst = _overlap_slices(np.asarray(offset), blob.shape[0], shape)
-    if src is not None:
-        out[src] = blob[dst]
-    return out
-
-
-def _overlap_slices(offset: np.ndarray, size: int, shape):
-    """Slices (grid, box) of the part of a box at `offset` that lies on the grid."""
-    grid_sl, box_sl = [], []
-    for o, s in zip(offset, shape):
-        a, b = max(int(o), 0), min(int(o) + size, s)
-        if a >= b:
-            return None, None
-        grid_sl.append(slice(a, b))
-        box_sl.append(slice(a - int(o), b - int(o)))
-    return tuple(grid_sl), tuple(box_sl)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

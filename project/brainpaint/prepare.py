@@ -55,6 +55,7 @@ from . import masks as maskgen
 from .atomic import atomic_folder, write_text
 from .brats_io import SUFFIXES, write_nifti_atomic
 from .errors import PrepareError
+from .geometry import crop
 
 TARGET_SHAPE = (240, 240, 155)
 DEFAULT_VOLUME_RANGE_CM3 = (5.0, 200.0)
@@ -226,13 +227,7 @@ def _pad_crop_centred(data: np.ndarray, affine: np.ndarray, shape) -> tuple[np.n
     for axis, size in enumerate(shape):
         lo, hi = int(nonzero[axis].min()), int(nonzero[axis].max())
         start.append(int(np.floor((lo + hi + 1) / 2.0 - size / 2.0)))
-    out = np.zeros(shape, dtype=data.dtype)
-    src, dst = [], []
-    for s, size, have in zip(start, shape, data.shape):
-        a, b = max(s, 0), min(s + size, have)
-        src.append(slice(a, b))
-        dst.append(slice(a - s, b - s))
-    out[tuple(dst)] = data[tuple(src)]
+    out = crop(data, tuple(slice(s, s + size) for s, size in zip(start, shape)))
     cropped = int(np.count_nonzero(data > 0) - np.count_nonzero(out > 0))
     shift = np.eye(4)
     shift[:3, 3] = start
