@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from . import geometry
 from .config import Config
+from .devices import select_device
 from .errors import InferenceSetupError
 
 # Where the shipped weights live (repo checkout and MLCube workspace alike); overridable by
@@ -71,27 +72,8 @@ def resolve_weights(setting: Optional[str | os.PathLike]) -> Path:
 
 
 def resolve_device(setting: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU (said once on stderr); explicit names are checked."""
-    setting = (setting or "auto").strip().lower()
-    if setting == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        print("brainpaint: no CUDA device available, running inference on the CPU", file=sys.stderr)
-        return torch.device("cpu")
-    try:
-        device = torch.device(setting)
-    except RuntimeError as exc:
-        raise InferenceSetupError(f"unknown device '{setting}' (use auto, cpu, cuda or cuda:N)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InferenceSetupError(f"device '{setting}' requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InferenceSetupError(
-                f"device '{setting}' requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    elif device.type != "cpu":
-        raise InferenceSetupError(f"unsupported device '{setting}' (use auto, cpu, cuda or cuda:N)")
-    return device
+    """The inference device (`devices.select_device`), saying so when `auto` falls back to the CPU."""
+    return select_device(setting, announce=True)
 
 
 def size_multiple(model_cfg) -> int:

@@ -26,6 +26,12 @@ P_LOW = 0.5
 P_HIGH = 99.5
 
 
+def metric_window(volume: np.ndarray) -> tuple[float, float]:
+    """`(max(p0.5, 0), p99.5)` over all voxels of `volume` as float32: the official metric's window."""
+    p_lo, p_hi = np.percentile(np.asarray(volume, dtype=np.float32), [P_LOW, P_HIGH])
+    return max(float(p_lo), 0.0), float(p_hi)
+
+
 @dataclass(frozen=True)
 class IntensityMap:
     lo: float
@@ -33,12 +39,9 @@ class IntensityMap:
 
     @classmethod
     def fit(cls, voided: np.ndarray) -> "IntensityMap":
-        values = np.asarray(voided, dtype=np.float32)
-        p_lo, p_hi = np.percentile(values, [P_LOW, P_HIGH])
-        lo = max(float(p_lo), 0.0)
-        hi = float(p_hi)
+        lo, hi = metric_window(voided)
         if hi <= lo:
-            hi = float(values.max())
+            hi = float(np.max(voided))
         if hi <= lo:
             hi = lo + 1.0
         return cls(lo, hi)

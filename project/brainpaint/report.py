@@ -18,6 +18,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .atomic import atomic_write
+from .intensity import metric_window
 
 OUTLINE_RGB = (255, 0, 0)
 VIEWS = ("axial", "coronal", "sagittal")
@@ -74,8 +75,7 @@ def render_panels(voided: np.ndarray, output: np.ndarray, mask: np.ndarray, zoom
     """The 3x3 grid of panels as PIL images: rows = views, columns = input, output, outline."""
     mask = np.asarray(mask, dtype=bool)
     centre = mask_centre(mask)
-    lo, hi = np.percentile(np.asarray(voided, dtype=np.float32), [0.5, 99.5])
-    lo = max(float(lo), 0.0)
+    lo, hi = metric_window(voided)
     if hi <= lo:  # flat volume: stretch over its actual range instead
         lo, hi = float(np.min(output)), float(np.max(output))
     rows = []

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import Config, ConfigError
+from .devices import select_device
 from .errors import TrainError
 
 CHECKPOINTS = "checkpoints"
@@ -92,19 +93,6 @@ def weights_digest(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def select_device(setting: str, local_rank: int = 0) -> torch.device:
-    """`auto`: this rank's CUDA device when CUDA is available, else the CPU."""
-    setting = (setting or "auto").strip().lower()
-    if setting == "auto":
-        setting = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"train.device is '{setting}' but CUDA is not available")
-        torch.cuda.set_device(device)
-    return device
 
 
 class DistEnv:
