@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from brainpaint.brats_io import discover_cases, load_case
 from brainpaint.config import Config
+from brainpaint.errors import ConfigError
 from brainpaint.inference import (
     DiffusionInpainter,
     InferenceSetupError,
@@ -113,7 +114,7 @@ def test_temperature_zero_is_one_deterministic_fill_whatever_the_seed(weights, c
     np.testing.assert_array_equal(a, b)
     warm = make(weights, temperature=1.0)
     assert not np.array_equal(warm(case_data, seed=1).volume, warm(case_data, seed=2).volume)
-    with pytest.raises(InferenceSetupError, match="infer.temperature must be >= 0"):
+    with pytest.raises(ConfigError, match="infer.temperature must be >= 0"):  # checked when the parameters load
         make(weights, temperature=-1.0)
 
 
@@ -177,7 +178,7 @@ def test_setup_errors(tmp_path, monkeypatch):
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(InferenceSetupError, match="CUDA is not available"):
             resolve_device("cuda")
-    with pytest.raises(InferenceSetupError, match="infer.sampler"):
+    with pytest.raises(ConfigError, match="unknown infer.sampler 'euler'"):  # checked when the parameters load
         DiffusionInpainter(Config.from_dict({"infer": {"sampler": "euler"}}))
     garbage = tmp_path / "bad.safetensors"
     garbage.write_bytes(b"not a weights file")

@@ -17,7 +17,8 @@ from scipy import ndimage
 from brainpaint.brats_io import CaseData
 from brainpaint.config import Config
 from brainpaint.evaluate import stripe_index
-from brainpaint.inference import CorrelatedNoise, DiffusionInpainter, InferenceSetupError
+from brainpaint.errors import ConfigError
+from brainpaint.inference import CorrelatedNoise, DiffusionInpainter
 
 import synth
 
@@ -115,9 +116,9 @@ def test_partly_shared_noise_has_unit_variance_and_correlation_rho(rho):
     assert torch.all((off_diagonal - rho).abs() < 0.06)
 
 
-def test_noise_correlation_outside_unit_interval_is_a_setup_error(weights):
+def test_noise_correlation_outside_unit_interval_is_a_configuration_error(weights):
     for bad in (-0.5, 1.5):
-        with pytest.raises(InferenceSetupError, match="noise_correlation must be in \\[0, 1\\]"):
+        with pytest.raises(ConfigError, match="infer.noise_correlation must be in \\[0, 1\\]"):
             DiffusionInpainter(Config.from_dict({"infer": {"weights": str(weights), "device": "cpu", "noise_correlation": bad}}))
 
 

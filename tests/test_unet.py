@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from brainpaint.config import Config, ModelConfig
+from brainpaint.errors import ConfigError
 from brainpaint.unet import (
     PRESETS,
     AttentionBlock,
@@ -67,7 +68,7 @@ def test_overrides_and_unknown_preset():
     assert arch["base_channels"] == 8 and arch["channel_mult"] == (1, 2, 4)
     assert arch["num_res_blocks"] == PRESETS["tiny"]["num_res_blocks"]
     assert count_parameters(_meta_unet("tiny", base_channels=8)) < count_parameters(_meta_unet("tiny"))
-    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+    with pytest.raises(ConfigError, match="unknown model.preset 'huge'"):
         resolve_architecture(ModelConfig(preset="huge"))
 
 

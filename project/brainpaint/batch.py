@@ -89,14 +89,11 @@ def harmonic_predictor(data: CaseData, seed: int) -> Prediction:
 
 
 def make_predictor(cfg: Config) -> Predictor:
-    method = cfg.infer.method
-    if method == "harmonic":
+    if cfg.infer.method == "harmonic":
         return harmonic_predictor
-    if method == "diffusion":
-        from .inference import DiffusionInpainter
+    from .inference import DiffusionInpainter
 
-        return DiffusionInpainter(cfg)
-    raise BatchSetupError(f"unknown infer.method '{method}' (expected 'diffusion' or 'harmonic')")
+    return DiffusionInpainter(cfg)
 
 
 def check_output_dir(out_dir: Path) -> None:

@@ -7,7 +7,12 @@ from typing import Optional
 
 import typer
 
-from .config import Config, ConfigError
+from .batch import run_infer
+from .config import Config
+from .errors import ConfigError
+from .evaluate import run_evaluate
+from .prepare import run_prepare
+from .train import export_weights, run_train
 
 app = typer.Typer(
     add_completion=False,
@@ -61,8 +66,6 @@ def infer(
             "infer.weights": str(weights) if weights else None,
         },
     )
-    from .batch import run_infer
-
     code = run_infer(cfg, data_path, output_path, shard=shard, report_dir=report_path, overwrite=overwrite)
     raise typer.Exit(code)
 
@@ -76,8 +79,6 @@ def evaluate(
 ) -> None:
     """Score predictions with the official BraTS 2023 inpainting metrics."""
     cfg = _config(parameters_file, {})
-    from .evaluate import run_evaluate
-
     raise typer.Exit(run_evaluate(cfg, predictions, labels, output_file))
 
 
@@ -90,11 +91,12 @@ def train(
     resume: bool = typer.Option(True, help="Continue from the newest checkpoint in OUTPUT_PATH."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Train the diffusion model (single process, or under torchrun for DDP)."""
-    cfg = _config(parameters_file, {"train.max_steps": max_steps, "train.max_minutes": max_minutes})
-    from .train import run_train
-
+    cfg = _config(
+        parameters_file, {"train.max_steps": max_steps, "train.max_minutes": max_minutes, "train.device": device}
+    )
     raise typer.Exit(run_train(cfg, data_path, output_path, val_dir=val_path, resume=resume))
 
 
@@ -102,19 +104,25 @@ def train(
 def prepare(
     input_path: Path = typer.Option(..., "--input-path", "--input_path", help="Folder of healthy skull-stripped T1 NIfTI files."),
     output_path: Path = typer.Option(..., "--output-path", "--output_path", help="Where BraTS-layout cases are written."),
-    masks_per_subject: int = typer.Option(1, help="Cases (masks) per subject."),
-    val_subjects: str = typer.Option(
-        "",
+    parameters_file: Optional[Path] = typer.Option(None, "--parameters-file", "--parameters_file", help="Its prepare section."),
+    masks_per_subject: Optional[int] = typer.Option(None, help="Cases (masks) per subject (default 1)."),
+    val_subjects: Optional[str] = typer.Option(
+        None,
         help="Validation subjects: comma-separated names (sub-49,sub-50), a count N (the last N), 'none', "
         "or empty for the last seventh (sub-49..sub-56 of the 56 shared brains).",
     ),
-    seed: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None),
 ) -> None:
     """Build BraTS-layout training/validation cases with tumour-shaped healthy masks."""
-    from .prepare import run_prepare
-
+    options = _config(
+        parameters_file,
+        {"prepare.masks_per_subject": masks_per_subject, "prepare.val_subjects": val_subjects, "prepare.seed": seed},
+    ).prepare
     raise typer.Exit(
-        run_prepare(input_path, output_path, masks_per_subject=masks_per_subject, val_subjects=val_subjects, seed=seed)
+        run_prepare(
+            input_path, output_path, masks_per_subject=options.masks_per_subject, val_subjects=options.val_subjects,
+            seed=options.seed,
+        )
     )
 
 
@@ -124,8 +132,6 @@ def export(
     output: Path = typer.Argument(..., help="safetensors file to write (EMA weights + config metadata)."),
 ) -> None:
     """Export the EMA weights of a training checkpoint for inference."""
-    from .train import export_weights
-
     export_weights(checkpoint, output)
 
 

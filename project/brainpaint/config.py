@@ -1,112 +1,295 @@
-"""One configuration object for CLI, MLCube and tests.
+"""One typed configuration for CLI, MLCube and tests, validated once when it is made.
 
-Every setting has a default here; a YAML file overrides any subset of it, section by
-section (`model`, `diffusion`, `data`, `train`, `infer`, `evaluate`). Unknown keys are an
-error, so a typo in a parameters file never passes silently.
+Every setting has a default here; a YAML file overrides any subset of it, section by section
+(`model`, `diffusion`, `data`, `train`, `infer`, `evaluate`, `prepare`). Each section is a
+dataclass whose fields declare their type and, where it matters, their range or choices.
+Building a section (from a file, `Config.from_dict`, `override` or directly in code) coerces
+every value to its declared type (`1e-4` written in YAML is a string, `16.0` an integral
+float) and checks it; the first problem is a ConfigError naming `section.key` and what is
+wrong. Unknown sections and keys are errors too, so a typo never passes silently. The rest of
+the package reads settings as they are: an `int` setting is an int.
+
+`Config.explicit` holds the `section.key` names that a file or an override set, so a consumer
+can tell a chosen value from a default (inference warns when the weights file overrides one).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
 from .atomic import write_text
+from .diffusion import BETA_SCHEDULES, SAMPLERS
 from .errors import ConfigError
+from .unet import PRESETS, resolve_architecture
+
+PRIORS = ("none", "harmonic")
+METHODS = ("diffusion", "harmonic")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Sections that describe what a weights file computes (recorded in its metadata).
+MODEL_SECTIONS = ("model", "diffusion", "data")
 
 
+def setting(default: Any = None, *, ge=None, gt=None, le=None, choices=None):
+    """A dataclass field with its checks: `ge`/`gt`/`le` bounds, or the allowed `choices`."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "choices": choices})
+
+
+# --------------------------------------------------------------------------- coercion and checks
+def _integer(value, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} must be an integer, got {value!r}")
+
+
+def _number(value, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    else:
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return number
+
+
+def _boolean(value, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _string(value, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):  # e.g. `val_subjects: 8`
+        return str(value)
+    raise ConfigError(f"{key} must be a string, got {value!r}")
+
+
+def _integers(value, key: str) -> list[int]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list of integers, got {value!r}")
+    return [_integer(v, key) for v in value]
+
+
+_COERCE = {int: _integer, float: _number, bool: _boolean, str: _string, list[int]: _integers}
+
+
+def _coerce(value, kind, key: str):
+    """`value` as the declared type `kind` (Optional[X] also takes None)."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if value is None:
+        raise ConfigError(f"{key} must be set (null is not allowed)")
+    return _COERCE[kind](value, key)
+
+
+def _check(value, checks: dict, key: str) -> None:
+    """The range and choice checks of one setting (on each element of a list)."""
+    if value is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        choices = checks.get("choices")
+        if choices is not None and item not in choices:
+            raise ConfigError(f"unknown {key} '{item}' (expected one of {', '.join(choices)})")
+        ge, gt, le = checks.get("ge"), checks.get("gt"), checks.get("le")
+        if ge is not None and le is not None and not ge <= item <= le:
+            raise ConfigError(f"{key} must be in [{ge}, {le}], got {item}")
+        if ge is not None and item < ge:
+            raise ConfigError(f"{key} must be >= {ge}, got {item}")
+        if gt is not None and item <= gt:
+            raise ConfigError(f"{key} must be > {gt}, got {item}")
+        if le is not None and item > le:
+            raise ConfigError(f"{key} must be <= {le}, got {item}")
+
+
+class _Section:
+    """Coerces and checks every field when the section is built."""
+
+    NAME: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self.NAME}.{f.name}"
+            value = _coerce(getattr(self, f.name), hints[f.name], key)
+            _check(value, f.metadata, key)
+            setattr(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that involve several fields of the section."""
+
+
+def _device(value: str, key: str) -> str:
+    value = value.strip().lower()
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got '{value}'")
+    return value
+
+
+# --------------------------------------------------------------------------- sections
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
+    NAME: ClassVar[str] = "model"
     # Named architecture preset (see brainpaint.unet.PRESETS): "paper", "small", "tiny".
-    preset: str = "small"
+    preset: str = setting("small", choices=tuple(PRESETS))
     # Optional overrides of single preset fields (None keeps the preset's value).
-    base_channels: Optional[int] = None
-    channel_mult: Optional[list[int]] = None
-    num_res_blocks: Optional[int] = None
-    attention_downsample: Optional[list[int]] = None
-    num_heads: Optional[int] = None
-    dropout: Optional[float] = None
+    base_channels: Optional[int] = setting(None, ge=1)
+    channel_mult: Optional[list[int]] = setting(None, ge=1)
+    num_res_blocks: Optional[int] = setting(None, ge=1)
+    attention_downsample: Optional[list[int]] = setting(None, ge=1)
+    num_heads: Optional[int] = setting(None, ge=1)
+    dropout: Optional[float] = setting(None, ge=0, le=1)
     # Neighbouring voided slices (and their masks) given as extra input (2.5D): 0 = plain 2D.
-    context_slices: int = 0
+    context_slices: int = setting(0, ge=0)
+
+    def validate(self) -> None:
+        if self.channel_mult is not None and not self.channel_mult:
+            raise ConfigError("model.channel_mult must list at least one level")
+        arch = resolve_architecture(self)
+        # The middle block and every level named in attention_downsample attend over channels.
+        widths = {arch["base_channels"] * arch["channel_mult"][-1]}
+        widths |= {arch["base_channels"] * m for level, m in enumerate(arch["channel_mult"])
+                   if 2**level in arch["attention_downsample"]}
+        bad = sorted(w for w in widths if w % arch["num_heads"])
+        if bad:
+            raise ConfigError(
+                f"model.num_heads ({arch['num_heads']}) must divide the channels of every attention layer ({bad[0]})"
+            )
 
 
 @dataclass
-class DiffusionConfig:
-    steps: int = 1000
-    beta_schedule: str = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+class DiffusionConfig(_Section):
+    NAME: ClassVar[str] = "diffusion"
+    steps: int = setting(1000, ge=1)
+    beta_schedule: str = setting("linear", choices=BETA_SCHEDULES)
+    beta_start: float = setting(1e-4, gt=0)
+    beta_end: float = setting(0.02, gt=0)
     learn_sigma: bool = True  # output [eps, v] and train with the hybrid loss
-    lambda_vlb: float = 1e-3  # weight of the VB term in the hybrid loss (improved DDPM)
+    lambda_vlb: float = setting(1e-3, ge=0)  # weight of the VB term in the hybrid loss (improved DDPM)
+
+    def validate(self) -> None:
+        if self.beta_schedule == "linear" and max(self.beta_start, self.beta_end) * 1000.0 / self.steps > 1:
+            raise ConfigError(
+                f"diffusion.beta_end scaled to {self.steps} steps exceeds 1 (linear betas are scaled by 1000 / steps)"
+            )
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    NAME: ClassVar[str] = "data"
     # Network slice size: the 240x240 grid is cropped to 224x224 (background only).
-    slice_size: int = 224
+    slice_size: int = setting(224, ge=1)
     # Train/infer on square crops around the mask instead of whole slices (None = whole slices).
-    crop_size: Optional[int] = None
+    crop_size: Optional[int] = setting(None, ge=1)
     # Conditioning prior inside the mask: "none" (voided, the paper) or "harmonic"
     # (the model learns the residual over a 3D harmonic fill).
-    prior: str = "none"
-    flip_prob: float = 0.5
+    prior: str = setting("none", choices=PRIORS)
+    flip_prob: float = setting(0.5, ge=0, le=1)
     # Extra procedurally generated healthy masks per training brain (0 = only mask-healthy).
-    extra_masks_per_volume: int = 0
-    num_workers: int = 0
-    cache_volumes: int = 16  # decoded volumes kept per loader worker
+    extra_masks_per_volume: int = setting(0, ge=0)
+    num_workers: int = setting(0, ge=0)
+    cache_volumes: int = setting(16, ge=1)  # decoded volumes kept per loader worker
 
 
 @dataclass
-class TrainConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    ema_rate: float = 0.9999
+class TrainConfig(_Section):
+    NAME: ClassVar[str] = "train"
+    lr: float = setting(1e-4, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    batch_size: int = setting(8, ge=1)
+    ema_rate: float = setting(0.9999, ge=0, le=1)
     ema_warmup: bool = True  # decay min(ema_rate, (1+n)/(10+n)) after n updates
-    grad_clip: Optional[float] = 1.0
-    max_steps: int = 100_000
-    max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
-    save_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 50
-    val_every: int = 2000
-    val_slices: int = 4
+    grad_clip: Optional[float] = setting(1.0, ge=0)  # 0 or null: no clipping
+    max_steps: int = setting(100_000, ge=0)
+    max_minutes: Optional[float] = setting(None, ge=0)  # stop (with a checkpoint) after this wall time
+    save_every: int = setting(1000, ge=1)
+    keep_last: int = setting(3, ge=1)
+    log_every: int = setting(50, ge=1)
+    val_every: int = setting(2000, ge=0)  # 0: no validation
+    val_slices: int = setting(4, ge=0)
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
     channels_last: bool = False
     seed: int = 0
     device: str = "auto"  # "auto" (this rank's GPU when available, else CPU), "cpu", "cuda:N"
-    val_steps: int = 20  # DDIM steps when sampling the validation slices
+    val_steps: int = setting(20, ge=1)  # DDIM steps when sampling the validation slices
     # Warm start: an exported weights file whose network is the one configured here; a fresh
     # run (no checkpoint to resume) starts its model and EMA from it, with a new optimizer.
     init_weights: Optional[str] = None
 
+    def validate(self) -> None:
+        self.device = _device(self.device, "train.device")
+
 
 @dataclass
-class InferConfig:
-    sampler: str = "ddim"  # "ddpm" (ancestral, any respacing), "ddim" or "dpm2m" (2nd-order ODE solver)
-    steps: int = 50  # 1000 with sampler=ddpm is the paper-faithful path
-    eta: float = 0.0
-    ensemble: int = 1  # samples averaged per case
-    batch_slices: int = 16  # slices per network batch; 0 = all masked slices of a volume at once
-    crop_margin: int = 16  # voxels around the mask kept in the in-plane crop (models trained with data.crop_size)
-    smoothing_sigma: float = 1.075  # 0 disables the Gaussian post-filter
-    smoothing_border: int = 2  # voxels around the mask that the filter may touch
+class InferConfig(_Section):
+    NAME: ClassVar[str] = "infer"
+    # "ddpm" (ancestral, any respacing), "ddim" or "dpm2m" (2nd-order ODE solver)
+    sampler: str = setting("ddim", choices=tuple(SAMPLERS))
+    steps: int = setting(50, ge=1)  # 1000 with sampler=ddpm is the paper-faithful path
+    eta: float = setting(0.0, ge=0)
+    ensemble: int = setting(1, ge=1)  # samples averaged per case
+    batch_slices: int = setting(16, ge=0)  # slices per network batch; 0 = all masked slices of a volume at once
+    crop_margin: int = setting(16, ge=0)  # voxels around the mask kept in the in-plane crop (crop models)
+    smoothing_sigma: float = setting(1.075, ge=0)  # 0 disables the Gaussian post-filter
+    smoothing_border: int = setting(2, ge=0)  # voxels around the mask that the filter may touch
     repaint: bool = False  # RePaint-style known-region x_t mixing during sampling
-    noise_correlation: float = 0.0  # 0..1 share of noise shared across neighbouring slices
-    temperature: float = 1.0  # scale of the sampler's noise; 0 with ddim = deterministic mean-seeking path
+    noise_correlation: float = setting(0.0, ge=0, le=1)  # share of noise shared across neighbouring slices
+    temperature: float = setting(1.0, ge=0)  # scale of the sampler's noise; 0 with ddim = deterministic path
     bf16: bool = True  # autocast on CUDA only
     seed: int = 0
     weights: Optional[str] = None  # safetensors file; None = the workspace's shipped weights
-    method: str = "diffusion"  # "diffusion" or "harmonic" (classical fill, no network)
+    method: str = setting("diffusion", choices=METHODS)  # or "harmonic" (classical fill, no network)
     device: str = "auto"
+
+    def validate(self) -> None:
+        self.device = _device(self.device, "infer.device")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(_Section):
+    NAME: ClassVar[str] = "evaluate"
     stripe_index: bool = True
+
+
+@dataclass
+class PrepareConfig(_Section):
+    NAME: ClassVar[str] = "prepare"
+    masks_per_subject: int = setting(1, ge=1)  # cases (masks) per subject
+    # Validation subjects: names (sub-49,sub-50), a count N (the last N), "none", or "" (the last seventh).
+    val_subjects: str = ""
+    seed: int = 0
+
+
+SECTIONS = {
+    cls.NAME: cls
+    for cls in (ModelConfig, DiffusionConfig, DataConfig, TrainConfig, InferConfig, EvaluateConfig, PrepareConfig)
+}
 
 
 @dataclass
@@ -117,28 +300,39 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def __post_init__(self) -> None:
+        self.explicit: frozenset[str] = frozenset()
+        if self.train.val_every and self.train.val_steps > self.diffusion.steps:
+            raise ConfigError(
+                f"train.val_steps must be <= diffusion.steps ({self.diffusion.steps}), got {self.train.val_steps}"
+            )
 
     # ------------------------------------------------------------------ I/O
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Config":
-        cfg = cls()
-        if not data:
-            return cfg
+        """Build and validate a configuration from `{section: {key: value}}` (any subset)."""
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
             raise ConfigError("parameters must be a mapping of sections")
+        sections, explicit = {}, set()
         for section, values in data.items():
-            if section not in {f.name for f in dataclasses.fields(cls)}:
+            if section not in SECTIONS:
                 raise ConfigError(f"unknown parameters section '{section}'")
             if values is None:
                 continue
             if not isinstance(values, dict):
                 raise ConfigError(f"section '{section}' must be a mapping")
-            sub = getattr(cfg, section)
-            known = {f.name for f in dataclasses.fields(sub)}
-            for key, value in values.items():
+            known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+            for key in values:
                 if key not in known:
                     raise ConfigError(f"unknown parameter '{section}.{key}'")
-                setattr(sub, key, value)
+            sections[section] = SECTIONS[section](**values)
+            explicit |= {f"{section}.{key}" for key in values}
+        cfg = cls(**sections)
+        cfg.explicit = frozenset(explicit)
         return cfg
 
     @classmethod
@@ -163,11 +357,13 @@ class Config:
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def override(self, dotted: dict[str, Any]) -> "Config":
-        """Return a copy with `{"infer.steps": 10, ...}` applied."""
+        """Return a validated copy with `{"infer.steps": 10, ...}` applied (marked explicit)."""
         data = self.to_dict()
         for key, value in dotted.items():
             section, _, name = key.partition(".")
             if not name:
                 raise ConfigError(f"override '{key}' must look like section.name")
             data.setdefault(section, {})[name] = value
-        return Config.from_dict(data)
+        cfg = Config.from_dict(data)
+        cfg.explicit = self.explicit | frozenset(dotted)
+        return cfg

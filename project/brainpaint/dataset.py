@@ -31,9 +31,6 @@ from .brats_io import CaseError, discover_cases, load_case
 from .geometry import crop, full_slice_box
 from .intensity import IntensityMap
 
-PRIORS = ("none", "harmonic")
-
-
 # --------------------------------------------------------------------------- shared with inference
 @dataclass
 class VolumeInputs:
@@ -44,11 +41,6 @@ class VolumeInputs:
     mask: np.ndarray
 
 
-def _check_prior(prior: str) -> None:
-    if prior not in PRIORS:
-        raise ValueError(f"unknown data.prior '{prior}' (expected one of {', '.join(PRIORS)})")
-
-
 def volume_inputs(voided: np.ndarray, mask: np.ndarray, data_cfg) -> VolumeInputs:
     """Normalise a voided volume and build the conditioning volume `b`.
 
@@ -57,7 +49,6 @@ def volume_inputs(voided: np.ndarray, mask: np.ndarray, data_cfg) -> VolumeInput
     holds the 3D harmonic fill of the surrounding tissue instead of zeros, which turns the
     network's job into predicting a residual texture rather than the whole region.
     """
-    _check_prior(data_cfg.prior)
     mask = np.asarray(mask, dtype=bool)
     voided = np.asarray(voided, dtype=np.float32)
     imap = IntensityMap.fit(voided)
@@ -77,7 +68,6 @@ def encode_target(gt_norm, b, prior: str):
     "none": the whole slice mapped to [-1, 1] (the paper). "harmonic": twice the residual
     over the fill, which is zero outside the mask because there `b` equals the ground truth.
     """
-    _check_prior(prior)
     if prior == "none":
         return 2 * gt_norm - 1
     return 2 * (gt_norm - b)
@@ -85,7 +75,6 @@ def encode_target(gt_norm, b, prior: str):
 
 def decode_sample(x0, b, prior: str):
     """Inverse of `encode_target`: diffusion-space sample -> normalised image clipped to [0, 1]."""
-    _check_prior(prior)
     if prior == "none":
         out = (x0 + 1) / 2
     else:
@@ -177,7 +166,6 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, source, cfg, *, augment: bool = True, seed: int = 0, log=print):
-        _check_prior(cfg.data.prior)
         self.cfg = cfg
         self.augment = augment
         self.seed = seed
@@ -189,7 +177,7 @@ class SliceDataset(Dataset):
         self.cases = list(self.cases)
         self.errors = list(self.errors)
 
-        n_extra = int(cfg.data.extra_masks_per_volume or 0)
+        n_extra = cfg.data.extra_masks_per_volume
         generate = _load_generate_masks() if n_extra > 0 else None
         if n_extra > 0 and generate is None:
             log("warning: brainpaint.masks is unavailable; training without extra generated masks")
@@ -256,7 +244,7 @@ class SliceDataset(Dataset):
 
     @property
     def channels(self) -> int:
-        return 2 + 4 * int(self.cfg.model.context_slices)
+        return 2 + 4 * self.cfg.model.context_slices
 
     # ------------------------------------------------------------------ decoding
     def prepared(self, unit_index: int) -> _Prepared:
@@ -267,7 +255,7 @@ class SliceDataset(Dataset):
             return hit
         entry = self._decode(unit_index)
         self._cache[unit_index] = entry
-        while len(self._cache) > max(1, int(self.cfg.data.cache_volumes)):
+        while len(self._cache) > self.cfg.data.cache_volumes:
             self._cache.popitem(last=False)
         return entry
 
@@ -288,12 +276,12 @@ class SliceDataset(Dataset):
         full_box = None
         if self.cfg.data.crop_size is None:
             # The same brain extent as inference uses (non-zero voided voxels or the mask).
-            size = int(self.cfg.data.slice_size)
+            size = self.cfg.data.slice_size
             box = full_slice_box((t1n != 0) | mask, size=size, case_id=case.id)
             # On a grid smaller than the slice size the box is the whole axis: pad at the high end.
             full_box = tuple(slice(s.start, s.start + max(size, s.stop - s.start)) for s in box)
 
-        ctx = int(self.cfg.model.context_slices)
+        ctx = self.cfg.model.context_slices
         z0 = max(min(unit.z_slices) - ctx, 0)
         z1 = min(max(unit.z_slices) + ctx + 1, t1n.shape[2])
         if not unit.z_slices or max(unit.z_slices) >= t1n.shape[2]:
@@ -308,7 +296,7 @@ class SliceDataset(Dataset):
     # ------------------------------------------------------------------ samples
     def crop_box(self, mask2d: np.ndarray, rng: random.Random, jitter: bool = True) -> tuple[slice, slice]:
         """A crop_size square containing the mask's centre, jittered within the crop's middle half."""
-        size = int(self.cfg.data.crop_size)
+        size = self.cfg.data.crop_size
         starts = []
         for axis in (0, 1):
             coords = np.flatnonzero(mask2d.any(axis=1 - axis))
@@ -330,9 +318,9 @@ class SliceDataset(Dataset):
             box = entry.full_box
         else:
             box = self.crop_box(entry.vin.mask[:, :, zl] > 0, rng, jitter=augment)
-        cond = slice_conditioning(entry.vin, zl, box, int(self.cfg.model.context_slices))
+        cond = slice_conditioning(entry.vin, zl, box, self.cfg.model.context_slices)
         x0 = encode_target(crop(entry.gt[:, :, zl], box), cond[0], self.cfg.data.prior)[None]
-        if augment and rng.random() < float(self.cfg.data.flip_prob):
+        if augment and rng.random() < self.cfg.data.flip_prob:
             # Left-right flip (first volume axis): brains are roughly symmetric, other flips are not.
             cond, x0 = cond[:, ::-1], x0[:, ::-1]
         return {
@@ -386,7 +374,7 @@ class TrainStream(IterableDataset):
             mine = order[shard::n_shards]
             local.shuffle(mine)
             units_per_case = max(1, math.ceil(len(ds.units) / max(1, len(by_case))))
-            per_group = max(1, int(ds.cfg.data.cache_volumes) // units_per_case)
+            per_group = max(1, ds.cfg.data.cache_volumes // units_per_case)
             groups = []
             for i in range(0, len(mine), per_group):
                 group = [p for c in mine[i : i + per_group] for p in by_case[c]]

@@ -36,6 +36,7 @@ NoiseFn = Callable[[tuple, Optional[torch.Generator]], torch.Tensor]
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm2m")
+BETA_SCHEDULES = ("linear", "cosine")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -103,7 +104,7 @@ class GaussianDiffusion:
         if betas is None:
             if diff_cfg is None:
                 raise ValueError("GaussianDiffusion needs a DiffusionConfig or betas")
-            betas = make_betas(diff_cfg.beta_schedule, int(diff_cfg.steps), diff_cfg.beta_start, diff_cfg.beta_end)
+            betas = make_betas(diff_cfg.beta_schedule, diff_cfg.steps, diff_cfg.beta_start, diff_cfg.beta_end)
         self.cfg = diff_cfg
         self.learn_sigma = bool(getattr(diff_cfg, "learn_sigma", True))
         self.lambda_vlb = float(getattr(diff_cfg, "lambda_vlb", 1e-3))

@@ -100,8 +100,6 @@ class CorrelatedNoise:
     """
 
     def __init__(self, rho: float, seed: int, device: torch.device):
-        if not 0.0 <= rho <= 1.0:
-            raise InferenceSetupError(f"infer.noise_correlation must be in [0, 1], got {rho}")
         self.rho = float(rho)
         self.seed = seed
         self.device = device
@@ -136,7 +134,6 @@ class DiffusionInpainter:
 
         self.cfg = cfg
         self.infer = cfg.infer
-        self._check_settings()
         self.device = resolve_device(self.infer.device)
         self.weights = resolve_weights(self.infer.weights)
         try:
@@ -148,27 +145,8 @@ class DiffusionInpainter:
         self.model.eval()
         self.diffusion = diffusion_mod.GaussianDiffusion(self.model_cfg.diffusion)
         self.data_cfg = self.model_cfg.data
-        self.context = int(self.model_cfg.model.context_slices)
+        self.context = self.model_cfg.model.context_slices
         self.multiple = size_multiple(self.model_cfg.model)
-
-    def _check_settings(self) -> None:
-        inf = self.infer
-        from .diffusion import SAMPLERS
-
-        if inf.sampler not in SAMPLERS:
-            raise InferenceSetupError(f"infer.sampler must be one of {', '.join(SAMPLERS)}, got '{inf.sampler}'")
-        if int(inf.steps) < 1:
-            raise InferenceSetupError(f"infer.steps must be >= 1, got {inf.steps}")
-        if int(inf.ensemble) < 1:
-            raise InferenceSetupError(f"infer.ensemble must be >= 1, got {inf.ensemble}")
-        if int(inf.batch_slices) < 0:
-            raise InferenceSetupError(f"infer.batch_slices must be >= 0 (0 = all slices at once), got {inf.batch_slices}")
-        if float(inf.smoothing_sigma) < 0 or int(inf.smoothing_border) < 0:
-            raise InferenceSetupError("infer.smoothing_sigma and infer.smoothing_border must be >= 0")
-        if not 0.0 <= float(inf.noise_correlation) <= 1.0:
-            raise InferenceSetupError(f"infer.noise_correlation must be in [0, 1], got {inf.noise_correlation}")
-        if not float(inf.temperature) >= 0.0:
-            raise InferenceSetupError(f"infer.temperature must be >= 0, got {inf.temperature}")
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:
@@ -182,13 +160,13 @@ class DiffusionInpainter:
         """
         mask = np.asarray(data.mask, dtype=bool)
         if self.data_cfg.crop_size is None:
-            size = int(self.data_cfg.slice_size)
+            size = self.data_cfg.slice_size
             brain = (np.asarray(data.voided) != 0) | mask
             box = geometry.full_slice_box(brain, size=size, case_id=data.id)
         else:
-            size = int(self.data_cfg.crop_size)
+            size = self.data_cfg.crop_size
             box = geometry.mask_box(
-                mask, min_size=size, multiple=self.multiple, margin=int(self.infer.crop_margin), shape=mask.shape
+                mask, min_size=size, multiple=self.multiple, margin=self.infer.crop_margin, shape=mask.shape
             )
         h, w = geometry.patch_shape(box, size=size, multiple=self.multiple)
         return slice(box[0].start, box[0].start + h), slice(box[1].start, box[1].start + w)
@@ -204,8 +182,8 @@ class DiffusionInpainter:
 
         inf = self.infer
         n = cond.shape[0]
-        batch = int(inf.batch_slices) or n
-        rho = float(inf.noise_correlation)
+        batch = inf.batch_slices or n
+        rho = inf.noise_correlation
         shared = CorrelatedNoise(rho, derive_seed(seed, member, 1), self.device) if rho > 0 else None
         prior = self.data_cfg.prior
         out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
@@ -221,8 +199,8 @@ class DiffusionInpainter:
                 self.model,
                 chunk,
                 sampler=inf.sampler,
-                steps=int(inf.steps),
-                eta=float(inf.eta),
+                steps=inf.steps,
+                eta=inf.eta,
                 generator=generator,
                 noise_fn=shared.for_batch() if shared is not None else None,
                 known=known,
@@ -231,7 +209,7 @@ class DiffusionInpainter:
                 clip_denoised=True if prior == "none" else 2.0,
                 progress=False,
                 autocast=self._autocast_dtype(),
-                temperature=float(inf.temperature),
+                temperature=inf.temperature,
             )
             out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
         return out
@@ -262,7 +240,7 @@ class DiffusionInpainter:
 
         # Normalised volume: known voxels from the voided image; each member fills the mask.
         base = vin.imap.normalize(data.voided)
-        members = np.empty((int(self.infer.ensemble), int(mask.sum())), dtype=np.float32)
+        members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)
         for k in range(members.shape[0]):
             x0 = self.sample_slices(cond, seed, k)
             filled = base.copy()
@@ -273,7 +251,7 @@ class DiffusionInpainter:
 
         mean = base.copy()
         mean[mask] = members.mean(axis=0)
-        mean = smooth_in_mask(mean, mask, float(self.infer.smoothing_sigma), int(self.infer.smoothing_border))
+        mean = smooth_in_mask(mean, mask, self.infer.smoothing_sigma, self.infer.smoothing_border)
         volume = np.array(data.voided, dtype=np.float32, copy=True)
         volume[mask] = vin.imap.denormalize(np.clip(mean[mask], 0.0, 1.0))
         std = None

@@ -54,7 +54,8 @@ from tqdm import tqdm
 from . import masks as maskgen
 from .atomic import atomic_folder, write_text
 from .brats_io import SUFFIXES, write_nifti_atomic
-from .errors import PrepareError
+from .config import PrepareConfig
+from .errors import ConfigError, PrepareError, one_line
 from .geometry import crop
 
 TARGET_SHAPE = (240, 240, 155)
@@ -131,7 +132,7 @@ def split_subjects(subjects: list[Subject], val_subjects: str) -> set[str]:
     if spec.isdigit():
         count = int(spec)
         if count > len(names):
-            raise ValueError(f"--val-subjects {count}: only {len(names)} subjects were found")
+            raise ConfigError(f"prepare.val_subjects is {count} but only {len(names)} subjects were found")
         return set(names[len(names) - count:]) if count else set()
     wanted = [w.strip() for w in spec.split(",") if w.strip()]
     by_stem = {_stem(s.path): s.name for s in subjects}
@@ -144,7 +145,7 @@ def split_subjects(subjects: list[Subject], val_subjects: str) -> set[str]:
         else:
             unknown.append(w)
     if unknown:
-        raise ValueError(f"--val-subjects: no input file for subject(s) {', '.join(unknown)}")
+        raise ConfigError(f"prepare.val_subjects: no input file for subject(s) {', '.join(unknown)}")
     return chosen
 
 
@@ -295,64 +296,34 @@ def run_prepare(
     seed: int = 0,
     volume_range_cm3: tuple[float, float] = DEFAULT_VOLUME_RANGE_CM3,
 ) -> int:
-    """Build the data set (module doc). Returns 0, or 1 if any input failed, 2 for bad arguments."""
+    """Build the data set (module doc). Returns 0, or 1 if any input failed, 2 for bad arguments.
+
+    The options are checked as the `prepare` section of the configuration (`PrepareConfig`).
+    """
     input_path, output_path = Path(input_path), Path(output_path)
-    if not input_path.is_dir():
-        print(f"error: input folder {input_path} does not exist or is not a folder", file=sys.stderr)
-        return 2
-    if masks_per_subject < 1:
-        print("error: --masks-per-subject must be at least 1", file=sys.stderr)
-        return 2
-    subjects = find_subjects(input_path)
-    if not subjects:
-        print(f"error: no .nii or .nii.gz files in {input_path}", file=sys.stderr)
-        return 2
     try:
-        val = split_subjects(subjects, val_subjects)
-    except ValueError as exc:
+        options = PrepareConfig(masks_per_subject=masks_per_subject, val_subjects=val_subjects, seed=seed)
+        subjects, val = _plan(input_path, options)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     output_path.mkdir(parents=True, exist_ok=True)
-
     cases, failed = [], []
     started = time.time()
     for subject in tqdm(subjects, desc="prepare", unit="subject", file=sys.stderr):
         split = "val" if subject.name in val else "train"
-        other = "train" if split == "val" else "val"
         try:
-            conformed, found, sseed = prepare_subject(subject, masks_per_subject, seed, volume_range_cm3)
-            for k, g in enumerate(found):
-                cid = case_id(subject.number, k)
-                write_case(output_path / split, cid, conformed.t1n, g.mask, conformed.affine)
-                if (output_path / other / cid).exists():  # left over from a run with another split
-                    shutil.rmtree(output_path / other / cid)
-                cases.append(
-                    {
-                        "id": cid,
-                        "split": split,
-                        "subject": subject.name,
-                        "source": subject.path.name,
-                        "seed": sseed,
-                        "mask_index": k,
-                        "mask_volume_cm3": round(g.volume_cm3, 3),
-                        "mask_brain_overlap": round(g.brain_overlap, 4),
-                        **conformed.info,
-                    }
-                )
-        except PrepareError as exc:
-            failed.append({"source": subject.path.name, "error": exc.problem})
-            tqdm.write(f"error: {exc}", file=sys.stderr)
-        except Exception as exc:  # an unexpected failure must not stop the other subjects
-            problem = " ".join(f"{type(exc).__name__}: {exc}".split())
+            cases += _write_subject(subject, split, output_path, options, volume_range_cm3)
+        except Exception as exc:  # a failure (expected or not) must not stop the other subjects
+            problem = exc.problem if isinstance(exc, PrepareError) else one_line(f"{type(exc).__name__}: {exc}")
             failed.append({"source": subject.path.name, "error": problem})
             tqdm.write(f"error: {subject.path.name}: {problem}", file=sys.stderr)
-
     manifest = {
         "tool": "brainpaint prepare",
         "input_path": str(input_path.resolve()),
         "grid": list(TARGET_SHAPE),
-        "seed": seed,
-        "masks_per_subject": masks_per_subject,
+        "seed": options.seed,
+        "masks_per_subject": options.masks_per_subject,
         "volume_range_cm3": list(volume_range_cm3),
         "val_subjects": sorted(val, key=_natural_key),
         "cases": cases,
@@ -366,6 +337,42 @@ def run_prepare(
         + (f"; {len(failed)} failed" if failed else "")
     )
     return 1 if failed else 0
+
+
+def _plan(input_path: Path, options: PrepareConfig) -> tuple[list[Subject], set[str]]:
+    """The input subjects and the names of the validation ones (ConfigError when unusable)."""
+    if not input_path.is_dir():
+        raise ConfigError(f"input folder {input_path} does not exist or is not a folder")
+    subjects = find_subjects(input_path)
+    if not subjects:
+        raise ConfigError(f"no .nii or .nii.gz files in {input_path}")
+    return subjects, split_subjects(subjects, options.val_subjects)
+
+
+def _write_subject(subject: Subject, split: str, output_path: Path, options: PrepareConfig, volume_range_cm3) -> list[dict]:
+    """Write the cases of one subject into `output_path/split`; their manifest entries."""
+    other = "train" if split == "val" else "val"
+    conformed, found, sseed = prepare_subject(subject, options.masks_per_subject, options.seed, volume_range_cm3)
+    entries = []
+    for k, g in enumerate(found):
+        cid = case_id(subject.number, k)
+        write_case(output_path / split, cid, conformed.t1n, g.mask, conformed.affine)
+        if (output_path / other / cid).exists():  # left over from a run with another split
+            shutil.rmtree(output_path / other / cid)
+        entries.append(
+            {
+                "id": cid,
+                "split": split,
+                "subject": subject.name,
+                "source": subject.path.name,
+                "seed": sseed,
+                "mask_index": k,
+                "mask_volume_cm3": round(g.volume_cm3, 3),
+                "mask_brain_overlap": round(g.brain_overlap, 4),
+                **conformed.info,
+            }
+        )
+    return entries
 
 
 def build_demo(

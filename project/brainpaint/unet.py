@@ -67,8 +67,6 @@ _OVERRIDABLE = ("base_channels", "channel_mult", "num_res_blocks", "attention_do
 
 def resolve_architecture(model_cfg) -> dict[str, Any]:
     """The preset named by ``model_cfg.preset`` with the config's non-None overrides applied."""
-    if model_cfg.preset not in PRESETS:
-        raise ValueError(f"unknown model preset '{model_cfg.preset}' (choose one of {', '.join(PRESETS)})")
     arch = dict(PRESETS[model_cfg.preset])
     for name in _OVERRIDABLE:
         value = getattr(model_cfg, name, None)
@@ -85,8 +83,7 @@ def network_channels(cfg) -> tuple[int, int]:
     In: voided slice b and mask m, then b and m of ``context_slices`` neighbours on each side,
     then x_t. Out: eps, plus the variance interpolation v when the variance is learned.
     """
-    k = int(cfg.model.context_slices)
-    in_channels = 2 + 2 * 2 * k + 1
+    in_channels = 2 + 2 * 2 * cfg.model.context_slices + 1
     out_channels = 2 if cfg.diffusion.learn_sigma else 1
     return in_channels, out_channels
 

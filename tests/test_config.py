@@ -1,0 +1,75 @@
+"""The typed configuration: values coerced to their declared types and checked once, at load."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from brainpaint import prepare
+from brainpaint.config import Config, InferConfig
+from brainpaint.errors import ConfigError
+
+
+def test_yaml_values_are_coerced_to_the_declared_types(tmp_path):
+    path = tmp_path / "p.yaml"
+    # PyYAML reads 2e-4 (no dot) as a string, and people write 16.0 for 16.
+    path.write_text("train:\n  lr: 2e-4\n  batch_size: 16.0\ninfer:\n  steps: '8'\n  temperature: 0\n")
+    cfg = Config.load(path)
+    assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.batch_size == 16 and isinstance(cfg.train.batch_size, int)
+    assert cfg.infer.steps == 8 and isinstance(cfg.infer.steps, int)
+    assert cfg.infer.temperature == 0.0 and isinstance(cfg.infer.temperature, float)
+    assert cfg.explicit == {"train.lr", "train.batch_size", "infer.steps", "infer.temperature"}
+    assert Config.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("infer", {"steps": 0}, "infer.steps must be >= 1, got 0"),
+        ("infer", {"steps": 2.5}, "infer.steps must be an integer, got 2.5"),
+        ("infer", {"repaint": "yes"}, "infer.repaint must be true or false, got 'yes'"),
+        ("infer", {"noise_correlation": 2}, r"infer.noise_correlation must be in \[0, 1\], got 2.0"),
+        ("infer", {"method": "magic"}, "unknown infer.method 'magic' \\(expected one of diffusion, harmonic\\)"),
+        ("infer", {"device": "gpu0"}, "infer.device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
+        ("infer", {"seed": None}, "infer.seed must be set"),
+        ("train", {"lr": "fast"}, "train.lr must be a number, got 'fast'"),
+        ("train", {"lr": 0}, "train.lr must be > 0, got 0.0"),
+        ("train", {"keep_last": 0}, "train.keep_last must be >= 1, got 0"),
+        ("train", {"val_steps": 2000}, r"train.val_steps must be <= diffusion.steps \(1000\), got 2000"),
+        ("data", {"crop_size": -4}, "data.crop_size must be >= 1, got -4"),
+        ("model", {"channel_mult": [1, 0]}, "model.channel_mult must be >= 1, got 0"),
+        ("model", {"channel_mult": 4}, "model.channel_mult must be a list of integers, got 4"),
+        ("model", {"num_heads": 3}, r"model.num_heads \(3\) must divide the channels of every attention layer"),
+        ("diffusion", {"beta_schedule": "sigmoid"}, "unknown diffusion.beta_schedule 'sigmoid'"),
+        ("prepare", {"masks_per_subject": 0}, "prepare.masks_per_subject must be >= 1, got 0"),
+    ],
+)
+def test_one_clear_error_naming_section_and_key(section, values, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        Config.from_dict({section: values})
+    assert "\n" not in str(info.value)
+
+
+def test_sections_built_in_code_are_checked_too():
+    with pytest.raises(ConfigError, match="infer.ensemble must be >= 1"):
+        InferConfig(ensemble=0)
+    with pytest.raises(ConfigError, match="unknown parameter 'infer.ensembles'"):
+        Config.from_dict({"infer": {"ensembles": 2}})
+    with pytest.raises(ConfigError, match="unknown parameters section 'inference'"):
+        Config.from_dict({"inference": {}})
+
+
+def test_override_is_validated_and_marked_explicit():
+    cfg = Config.from_dict({"infer": {"steps": 4}})
+    done = cfg.override({"infer.ensemble": 3})
+    assert done.infer.ensemble == 3 and done.infer.steps == 4
+    assert done.explicit == {"infer.steps", "infer.ensemble"}
+    with pytest.raises(ConfigError, match="infer.ensemble must be >= 1"):
+        cfg.override({"infer.ensemble": 0})
+
+
+def test_prepare_options_go_through_the_configuration(tmp_path, capsys):
+    (tmp_path / "sub-01_T1w.nii.gz").write_bytes(b"")
+    assert prepare.run_prepare(tmp_path, tmp_path / "out", masks_per_subject=0) == 2
+    assert capsys.readouterr().err == "error: prepare.masks_per_subject must be >= 1, got 0\n"
+    assert not (tmp_path / "out").exists()
