@@ -25,8 +25,9 @@ from typing import Any, ClassVar, Optional
 import yaml
 
 from .atomic import write_text
-from .diffusion import BETA_SCHEDULES, SAMPLERS
+from .diffusion import BETA_SCHEDULES
 from .errors import ConfigError
+from .samplers import SAMPLERS
 from .unet import PRESETS, resolve_architecture
 
 PRIORS = ("none", "harmonic")

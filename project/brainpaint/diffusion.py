@@ -1,4 +1,4 @@
-"""Gaussian diffusion (DDPM with learned-range variance), hybrid loss and samplers.
+"""Gaussian diffusion (DDPM with learned-range variance), hybrid loss and the sampling loop.
 
 Follows Ho et al. (2020) and Nichol & Dhariwal (2021, "improved DDPM"):
 
@@ -16,8 +16,9 @@ Follows Ho et al. (2020) and Nichol & Dhariwal (2021, "improved DDPM"):
   log-likelihood of x_0 (in bits; it can be negative since it is a density);
 - sampling on a respaced subset of timesteps ("space_timesteps"): the kept timesteps keep
   their ``abar``, betas are recomputed from consecutive kept ``abar``s, and the network still
-  sees the original timestep indices. Both ancestral DDPM sampling with the learned variance
-  and DDIM (configurable eta) use it; ``ddpm`` with all 1000 steps is the published sampler.
+  sees the original timestep indices. ``sample`` runs the reverse loop on it and leaves each
+  step to a sampler of ``brainpaint.samplers`` (``ddpm``, ``ddim``, ``dpm2m``: one class and
+  one ``step`` each); ``ddpm`` with all 1000 steps is the published sampler.
 
 Everything runs in "diffusion space": tensors [B, 1, H, W], roughly in [-1, 1]. The network is
 called as ``model(torch.cat([cond, x_t], 1), t)``.
@@ -31,11 +32,13 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from .samplers import SAMPLERS
 
 NoiseFn = Callable[[tuple, Optional[torch.Generator]], torch.Tensor]
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm2m")
 BETA_SCHEDULES = ("linear", "cosine")
 
 
@@ -135,7 +138,7 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """arr[t] as a tensor broadcastable to ``like`` ([B, 1, 1, ...]), in ``like``'s dtype
         unless ``dtype`` is given (the schedule itself is float64)."""
         out = torch.as_tensor(arr, device=t.device)[t.long()].to(dtype or like.dtype)
@@ -161,24 +164,24 @@ class GaussianDiffusion:
         """Draw x_t ~ q(x_t | x_0)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return self._extract(self.sqrt_alphas_cumprod, t, x0) * x0 + self._extract(
+        return self.extract(self.sqrt_alphas_cumprod, t, x0) * x0 + self.extract(
             self.sqrt_one_minus_alphas_cumprod, t, x0
         ) * noise
 
     def q_posterior_mean_variance(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._extract(self.posterior_mean_coef1, t, xt) * x0 + self._extract(self.posterior_mean_coef2, t, xt) * xt
-        var = self._extract(self.posterior_variance, t, xt)
-        log_var = self._extract(self.posterior_log_variance_clipped, t, xt)
+        mean = self.extract(self.posterior_mean_coef1, t, xt) * x0 + self.extract(self.posterior_mean_coef2, t, xt) * xt
+        var = self.extract(self.posterior_variance, t, xt)
+        log_var = self.extract(self.posterior_log_variance_clipped, t, xt)
         return mean, var, log_var
 
     def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return self._extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._extract(
+        return self.extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self.extract(
             self.sqrt_recipm1_alphas_cumprod, t, xt
         ) * eps
 
     def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / self._extract(
+        return (self.extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / self.extract(
             self.sqrt_recipm1_alphas_cumprod, t, xt
         )
 
@@ -203,13 +206,13 @@ class GaussianDiffusion:
         eps, v = self._split_output(out, xt)
         if v is not None:
             # Learned range: v in [-1, 1] interpolates log beta~_t (v=-1) and log beta_t (v=+1).
-            min_log = self._extract(self.posterior_log_variance_clipped, t, xt)
-            max_log = self._extract(np.log(self.betas), t, xt)
+            min_log = self.extract(self.posterior_log_variance_clipped, t, xt)
+            max_log = self.extract(np.log(self.betas), t, xt)
             frac = (v + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
         else:
             # Fixed variance: the posterior variance beta~_t (clipped at t=0).
-            log_var = self._extract(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
+            log_var = self.extract(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
         x0 = self.predict_x0_from_eps(xt, t, eps)
         if clip_denoised is not False and clip_denoised is not None:
             bound = 1.0 if clip_denoised is True else float(clip_denoised)
@@ -282,10 +285,11 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """Draw x_0 [B, 1, H, W] (diffusion space) given the conditioning ``cond`` [B, C, H, W].
 
-        - ``sampler``: ``"ddpm"`` (ancestral, learned variance), ``"ddim"`` (``eta`` = 0 is
-          deterministic given the initial noise) or ``"dpm2m"`` (DPM-Solver++(2M), a
-          deterministic second-order multistep solver of the same ODE as DDIM with eta = 0:
-          more accurate for few steps); all on ``steps`` respaced timesteps.
+        - ``sampler``: a name of ``samplers.SAMPLERS``: ``"ddpm"`` (ancestral, learned
+          variance), ``"ddim"`` (``eta`` = 0 is deterministic given the initial noise) or
+          ``"dpm2m"`` (DPM-Solver++(2M), a deterministic second-order multistep solver of the
+          same ODE as DDIM with eta = 0: more accurate for few steps); all on ``steps``
+          respaced timesteps.
         - ``generator``: makes the draw reproducible; noise is drawn on the generator's device
           and moved to ``cond``'s device, so a CPU generator gives the same noise everywhere.
         - ``noise_fn(shape, generator)``: replaces the standard normal draws (e.g. noise
@@ -304,88 +308,31 @@ class GaussianDiffusion:
             raise ValueError(f"unknown sampler '{sampler}' (choose {', '.join(SAMPLERS)})")
         if (known is None) != (known_mask is None):
             raise ValueError("known and known_mask must be given together")
-        device = cond.device
-        draw = noise_fn or default_noise
-
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-
-        def noise(shape):
-            return float(temperature) * draw(tuple(shape), generator).to(device=device, dtype=torch.float32)
-
-        spaced = self.respaced(int(steps))
+        spaced = self.respaced(steps)
+        solver = SAMPLERS[sampler](spaced, eta=eta)
+        draw = _noise_source(noise_fn, generator, cond.device)
+        noise = lambda shape: float(temperature) * draw(shape)  # noqa: E731
         b, _, h, w = cond.shape
         shape = (b, 1, h, w)
         if known is not None:
-            known = known.to(device=device, dtype=torch.float32)
-            known_mask = known_mask.to(device=device, dtype=torch.float32)
-        amp = (
-            torch.autocast(device_type=device.type, dtype=autocast)
-            if autocast is not None
-            else contextlib.nullcontext()
-        )
-
+            known = known.to(device=cond.device, dtype=torch.float32)
+            known_mask = known_mask.to(device=cond.device, dtype=torch.float32)
+        amp = torch.autocast(cond.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         x = noise(shape)
-        x0_prev: Optional[torch.Tensor] = None  # dpm2m: the previous step's x0 prediction
-        indices = list(range(spaced.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices, desc=f"{sampler} sampling", leave=False)
-        for i in indices:
-            t = torch.full((b,), i, device=device, dtype=torch.long)
+        for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc=f"{sampler} sampling", leave=False, disable=not progress):
+            t = torch.full((b,), i, device=cond.device, dtype=torch.long)
             if known is not None:
                 x = known_mask * spaced.q_sample(known, t, noise(shape)) + (1 - known_mask) * x
             with amp:
                 out = spaced._model_output(model, cond, x, t)
             pred = spaced.p_mean_variance_from_output(out, x, t, clip_denoised)
-            if sampler == "ddpm":
-                x = pred["mean"]
-                if i > 0:
-                    x = x + torch.exp(0.5 * pred["log_variance"]) * noise(shape)
-            elif sampler == "dpm2m":
-                x = spaced._dpm2m_step(pred["pred_x0"], x0_prev, x, i)
-                x0_prev = pred["pred_x0"]
-            else:
-                x = spaced._ddim_step(pred, x, t, eta, noise if (eta > 0 and i > 0) else None)
+            x = solver.step(pred, x, t, i, noise)
         return x
 
-    @staticmethod
-    def _half_log_snr(abar: float) -> float:
-        """log(alpha / sigma) of a noise level abar = alpha^2 = 1 - sigma^2."""
-        return 0.5 * math.log(abar / (1.0 - abar))
 
-    def _dpm2m_step(self, x0: torch.Tensor, x0_prev: Optional[torch.Tensor], xt: torch.Tensor, i: int) -> torch.Tensor:
-        """x at step i-1 from step i: DPM-Solver++(2M) (Lu et al. 2022), in data (x0) prediction.
-
-        ``x0_prev`` is the x0 prediction of the step before (step i+1), None on the first step.
-        First order (= DDIM with eta 0) on the first step and on the last two: the step into
-        the lowest noise level spans a large log-SNR interval, where extrapolating the x0
-        predictions overshoots (the "lower order final" of the DPM-Solver paper), and the final
-        step to t = 0 (infinite log-SNR) returns the x0 prediction itself.
-        """
-        if i == 0:
-            return x0
-        abar_next = float(self.alphas_cumprod_prev[i])
-        alpha_next, sigma_next = math.sqrt(abar_next), math.sqrt(1.0 - abar_next)
-        sigma_now = math.sqrt(1.0 - float(self.alphas_cumprod[i]))
-        lam_now, lam_next = self._half_log_snr(float(self.alphas_cumprod[i])), self._half_log_snr(abar_next)
-        h = lam_next - lam_now
-        data = x0
-        if x0_prev is not None and i > 1:
-            r = (lam_now - self._half_log_snr(float(self.alphas_cumprod[i + 1]))) / h
-            data = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        return (sigma_next / sigma_now) * xt - alpha_next * math.expm1(-h) * data
-
-    def _ddim_step(self, pred: dict, xt: torch.Tensor, t: torch.Tensor, eta: float, noise) -> torch.Tensor:
-        """x_{t-1} from the predicted x_0 and eps (Song et al. 2021, eq. 12)."""
-        # Coefficients in float64: 1 - abar is tiny near t = 0.
-        abar = self._extract(self.alphas_cumprod, t, xt, torch.float64)
-        abar_prev = self._extract(self.alphas_cumprod_prev, t, xt, torch.float64)
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-        dir_coef = torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0))
-        f32 = lambda c: c.to(xt.dtype)  # noqa: E731
-        x = pred["pred_x0"] * f32(torch.sqrt(abar_prev)) + f32(dir_coef) * pred["eps"]
-        if noise is not None:
-            x = x + f32(sigma) * noise(xt.shape)
-        return x
+def _noise_source(noise_fn: Optional[NoiseFn], generator: Optional[torch.Generator], device) -> Callable:
+    """Unscaled standard normal draws of a shape, float32 on ``device``."""
+    draw = noise_fn or default_noise
+    return lambda shape: draw(tuple(shape), generator).to(device=device, dtype=torch.float32)
