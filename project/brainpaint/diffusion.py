@@ -294,8 +294,9 @@ class GaussianDiffusion:
           and moved to ``cond``'s device, so a CPU generator gives the same noise everywhere.
         - ``noise_fn(shape, generator)``: replaces the standard normal draws (e.g. noise
           correlated along the batch axis = neighbouring slices).
-        - ``known``/``known_mask`` (RePaint-style): before every step, x_t is replaced by
-          ``q_sample(known, t)`` where ``known_mask`` is 1.
+        - ``known``/``known_mask`` (RePaint-style): before every step, x_t is replaced by a
+          draw of ``q(x_t | known)`` where ``known_mask`` is 1 (always with unscaled noise:
+          that is the forward process, whatever the temperature).
         - ``clip_denoised``: clamp the predicted x_0 to [-1, 1] (or to +-value for a float).
         - ``autocast``: dtype for the network under autocast (e.g. torch.bfloat16 on CUDA);
           the diffusion arithmetic stays float32.
@@ -324,7 +325,7 @@ class GaussianDiffusion:
         for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc=f"{sampler} sampling", leave=False, disable=not progress):
             t = torch.full((b,), i, device=cond.device, dtype=torch.long)
             if known is not None:
-                x = known_mask * spaced.q_sample(known, t, noise(shape)) + (1 - known_mask) * x
+                x = known_mask * spaced.q_sample(known, t, draw(shape)) + (1 - known_mask) * x
             with amp:
                 out = spaced._model_output(model, cond, x, t)
             pred = spaced.p_mean_variance_from_output(out, x, t, clip_denoised)
