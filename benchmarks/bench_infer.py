@@ -33,7 +33,8 @@ import torch
 from brainpaint.batch import compose_output, case_seed
 from brainpaint.brats_io import CaseData, discover_cases, load_case
 from brainpaint.config import Config
-from brainpaint.inference import DiffusionInpainter, resolve_weights
+from brainpaint.predictors import DiffusionInpainter
+from brainpaint.weights import resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "healthy-t1"
@@ -89,7 +90,7 @@ def load_case_folder(folder: Path) -> CaseData:
 
 
 def random_weights(preset: str, out_dir: Path) -> Path:
-    from brainpaint.train import model_config_yaml
+    from brainpaint.config import model_config_yaml
     from brainpaint.unet import build_unet, network_channels
     from safetensors.torch import save_file
 

@@ -61,7 +61,9 @@ from brainpaint.batch import run_infer
 from brainpaint.brats_io import discover_cases
 from brainpaint.config import Config
 from brainpaint.evaluate import run_evaluate, summarize
-from brainpaint.inference import DiffusionInpainter, InferenceSetupError, resolve_weights
+from brainpaint.errors import InferenceSetupError
+from brainpaint.predictors import DiffusionInpainter
+from brainpaint.weights import resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "workspace" / "prepared" / "val"

@@ -16,13 +16,11 @@ from typer.testing import CliRunner
 from brainpaint.brats_io import discover_cases, load_case
 from brainpaint.config import Config
 from brainpaint.errors import ConfigError
-from brainpaint.inference import (
-    DiffusionInpainter,
-    InferenceSetupError,
-    resolve_device,
-    resolve_weights,
-    smooth_in_mask,
-)
+from brainpaint.devices import select_device
+from brainpaint.errors import InferenceSetupError
+from brainpaint.predictors import DiffusionInpainter
+from brainpaint.smoothing import smooth_in_mask
+from brainpaint.weights import resolve_weights
 
 import synth
 
@@ -47,7 +45,7 @@ def write_weights(path, *, slice_size=48, crop_size=None, prior="none", context_
         for p in model.parameters():
             if not p.detach().abs().sum():
                 p.normal_(0.0, 0.05)
-    from brainpaint.train import model_config_yaml
+    from brainpaint.config import model_config_yaml
 
     meta = model_config_yaml(cfg)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -173,11 +171,11 @@ def test_setup_errors(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert resolve_weights(str(tmp_path)) == tmp_path / "model.safetensors"
-    assert resolve_device("cpu") == torch.device("cpu")
+    assert select_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        assert resolve_device("auto") == torch.device("cpu")
+        assert select_device("auto") == torch.device("cpu")
         with pytest.raises(InferenceSetupError, match="CUDA is not available"):
-            resolve_device("cuda")
+            select_device("cuda")
     with pytest.raises(ConfigError, match="unknown infer.sampler 'euler'"):  # checked when the parameters load
         DiffusionInpainter(Config.from_dict({"infer": {"sampler": "euler"}}))
     garbage = tmp_path / "bad.safetensors"

@@ -18,7 +18,8 @@ from brainpaint.brats_io import CaseData
 from brainpaint.config import Config
 from brainpaint.evaluate import stripe_index
 from brainpaint.errors import ConfigError
-from brainpaint.inference import CorrelatedNoise, DiffusionInpainter
+from brainpaint.noise import CorrelatedNoise
+from brainpaint.predictors import DiffusionInpainter
 
 import synth
 
@@ -30,7 +31,7 @@ Z_MASKED = range(4, 16)  # the slices the cylinder mask below covers
 
 def tiny_weights(path, *, context_slices=0, prior="none"):
     """A randomly initialised tiny U-Net in the weights-file format (whole 48x48 slices)."""
-    from brainpaint.train import model_config_yaml
+    from brainpaint.config import model_config_yaml
     from brainpaint.unet import build_unet, network_channels
 
     cfg = Config.from_dict(

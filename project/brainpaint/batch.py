@@ -28,9 +28,8 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -38,17 +37,8 @@ from .atomic import temp_owner
 from .brats_io import CaseData, CaseError, cast_to_dtype, discover_cases, load_case, prediction_name, warn, write_nifti_atomic
 from .config import Config
 from .errors import BatchSetupError
-from .harmonic import harmonic_fill
-
-
-@dataclass
-class Prediction:
-    volume: np.ndarray  # float32, input intensity scale, full grid; only voxels in the mask are used
-    std: Optional[np.ndarray] = None  # float32 uncertainty map (ensembles), or None
-    slices: int = 0  # number of slices processed
-
-
-Predictor = Callable[[CaseData, int], Prediction]
+from .predictors import Prediction, Predictor, make_predictor
+from .report import write_qa_report
 
 
 def case_seed(base_seed: int, case_id: str) -> int:
@@ -80,20 +70,6 @@ def shard_from_environment() -> Optional[str]:
 
 def in_shard(index: int, shard: Optional[tuple[int, int]]) -> bool:
     return shard is None or index % shard[1] == shard[0]
-
-
-def harmonic_predictor(data: CaseData, seed: int) -> Prediction:
-    """The classical fill (deterministic; `seed` is unused)."""
-    volume = harmonic_fill(data.voided, data.mask)
-    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()))
-
-
-def make_predictor(cfg: Config) -> Predictor:
-    if cfg.infer.method == "harmonic":
-        return harmonic_predictor
-    from .inference import DiffusionInpainter
-
-    return DiffusionInpainter(cfg)
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -164,8 +140,6 @@ def _write_reports(data: CaseData, output: np.ndarray, prediction: Prediction, r
         report_dir.mkdir(parents=True, exist_ok=True)
         if prediction.std is not None:
             write_nifti_atomic(prediction.std, data.header, data.affine, report_dir / f"{data.id}-std.nii.gz", np.float32)
-        from .report import write_qa_report
-
         write_qa_report(data, output, report_dir / f"{data.id}-qa.png")
     except Exception as exc:
         warn(f"{data.id}: report not written: {type(exc).__name__}: {' '.join(str(exc).split())}")

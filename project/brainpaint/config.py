@@ -368,3 +368,18 @@ class Config:
         cfg = Config.from_dict(data)
         cfg.explicit = self.explicit | frozenset(dotted)
         return cfg
+
+
+def model_config_yaml(cfg: Config) -> str:
+    """YAML of the sections a weights file needs to be rebuilt and used (`MODEL_SECTIONS`).
+
+    The resolved architecture is recorded, not only the preset name, so a weights file keeps
+    loading even if a preset's definition changes later.
+    """
+    data = cfg.to_dict()
+    arch = resolve_architecture(cfg.model)
+    for key in data["model"]:
+        if key in arch:
+            value = arch[key]
+            data["model"][key] = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump({k: data[k] for k in MODEL_SECTIONS}, sort_keys=False)

@@ -82,6 +82,12 @@ def decode_sample(x0, b, prior: str):
     return out.clip(0, 1)
 
 
+def clip_bound(prior: str) -> float:
+    """Bound of the predicted x0 while sampling: the whole slice in [-1, 1] ("none"), or twice a
+    residual over the fill in [-2, 2] ("harmonic"). One rule for inference and validation."""
+    return 1.0 if prior == "none" else 2.0
+
+
 def slice_conditioning(vin: VolumeInputs, z: int, box, context_slices: int) -> np.ndarray:
     """Conditioning channels of slice z: [b_z, m_z, b_{z-1}, m_{z-1}, b_{z+1}, m_{z+1}, ...].
 

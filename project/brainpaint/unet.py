@@ -106,6 +106,11 @@ def widen_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return out
 
 
+def size_multiple(model_cfg) -> int:
+    """In-plane sizes the U-Net of ``model_cfg`` accepts are multiples of 2**(levels-1)."""
+    return 2 ** (len(resolve_architecture(model_cfg)["channel_mult"]) - 1)
+
+
 def build_unet(model_cfg, in_channels: int, out_channels: int) -> "UNet":
     """Build the U-Net described by ``model_cfg`` (preset plus overrides)."""
     return UNet(in_channels=in_channels, out_channels=out_channels, **resolve_architecture(model_cfg))

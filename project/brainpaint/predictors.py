@@ -1,0 +1,216 @@
+"""Predictors: `(case data, seed) -> Prediction`, the harmonic fill and the diffusion model.
+
+`make_predictor(cfg)` builds the one `infer.method` asks for; `batch.run_infer` calls it once
+per case. The diffusion predictor is built once per run (weights, network, diffusion) and is
+stateless between cases, so one bad case cannot affect the next.
+
+Diffusion, per case:
+1. `dataset.volume_inputs` normalises the voided volume with the metric's own percentile map
+   (so the network's [0, 1] is the metric's [0, 1]) and builds the prior-filled `b` channel.
+2. An in-plane box is chosen once per volume (whole slices, or a crop around the mask) so every
+   slice of the volume has the same size and they can be stacked into batches.
+3. Every axial slice that contains mask voxels is conditioned and denoised; slices go through
+   the network `infer.batch_slices` at a time (not one by one), under `torch.inference_mode`
+   and, on CUDA, bf16 autocast.
+4. `infer.ensemble` independent samples are averaged (the challenge metrics reward the
+   conditional mean); their standard deviation is returned as an uncertainty map.
+5. An optional Gaussian post-filter smooths the in-mask result, then the volume is mapped back
+   to the input intensity scale. `batch.py` restores every known voxel bit-exactly.
+
+The same weights serve every sampler: `ddpm` with 1000 steps is the paper-faithful ancestral
+path; `ddim` (or respaced `ddpm`) with few steps is the fast default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import geometry
+from .brats_io import CaseData, warn
+from .config import MODEL_SECTIONS, Config
+from .dataset import clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
+from .devices import select_device
+from .diffusion import GaussianDiffusion
+from .errors import CaseError, InferenceSetupError
+from .harmonic import harmonic_fill
+from .noise import CorrelatedNoise, derive_seed
+from .smoothing import smooth_in_mask
+from .unet import size_multiple
+from .weights import load_model, resolve_weights
+
+
+@dataclass
+class Prediction:
+    volume: np.ndarray  # float32, input intensity scale, full grid; only voxels in the mask are used
+    std: Optional[np.ndarray] = None  # float32 uncertainty map (ensembles), or None
+    slices: int = 0  # number of slices processed
+
+
+Predictor = Callable[[CaseData, int], Prediction]
+
+
+def harmonic_predictor(data: CaseData, seed: int) -> Prediction:
+    """The classical fill (deterministic; `seed` is unused)."""
+    volume = harmonic_fill(data.voided, data.mask)
+    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()))
+
+
+def make_predictor(cfg: Config) -> Predictor:
+    """The predictor of `infer.method`."""
+    if cfg.infer.method == "harmonic":
+        return harmonic_predictor
+    return DiffusionInpainter(cfg)
+
+
+def _setting(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def warn_overridden(cfg: Config, weights_cfg: Config, weights) -> list[str]:
+    """Say in one line which model/diffusion/data values of the parameters the weights replace."""
+    keys = sorted(
+        k for k in cfg.explicit if k.split(".")[0] in MODEL_SECTIONS and _setting(cfg, k) != _setting(weights_cfg, k)
+    )
+    if keys:
+        given = ", ".join(f"{k}={_setting(cfg, k)!r}" for k in keys)
+        used = ", ".join(f"{k}={_setting(weights_cfg, k)!r}" for k in keys)
+        warn(f"the weights {weights} define {used}; the parameters' {given} are not used for inference")
+    return keys
+
+
+# --------------------------------------------------------------------------- the diffusion predictor
+class DiffusionInpainter:
+    """Predictor `(data: CaseData, seed: int) -> Prediction` backed by a trained diffusion model.
+
+    The network, diffusion schedule and data transform (prior, crop size, slice size, context
+    slices) come from the weights file's own metadata, so a weights file always runs with the
+    settings it was trained with (a parameters file that sets others gets a warning); the
+    sampling settings come from `cfg.infer`.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.infer = cfg.infer
+        self.device = select_device(self.infer.device, announce=True)
+        self.weights = resolve_weights(self.infer.weights)
+        try:
+            self.model, self.model_cfg = load_model(self.weights, self.device)
+        except Exception as exc:  # corrupt file, wrong metadata: one clear line
+            raise InferenceSetupError(f"cannot load weights {self.weights}: {exc}") from exc
+        warn_overridden(cfg, self.model_cfg, self.weights)
+        self.diffusion = GaussianDiffusion(self.model_cfg.diffusion)
+        if self.infer.steps > self.diffusion.num_timesteps:
+            raise InferenceSetupError(
+                f"infer.steps must be <= the {self.diffusion.num_timesteps} diffusion steps of {self.weights}, "
+                f"got {self.infer.steps}"
+            )
+        self.data_cfg = self.model_cfg.data
+        self.context = self.model_cfg.model.context_slices
+        self.multiple = size_multiple(self.model_cfg.model)
+
+    # ------------------------------------------------------------------ geometry
+    def slice_box(self, data) -> tuple[slice, slice]:
+        """One in-plane box for the whole volume, so all slices stack into batches.
+
+        Whole-slice models get the `data.slice_size` window holding the brain; crop models a
+        box around the mask grown by `infer.crop_margin`. Where the grid is smaller than the
+        network patch (or not a multiple of the U-Net's downsampling factor), the box is
+        extended past the high end of the grid; `slice_conditioning` fills that part with
+        zeros (background), as `geometry.crop` pads training patches, and `geometry.paste`
+        ignores it.
+        """
+        mask = np.asarray(data.mask, dtype=bool)
+        if self.data_cfg.crop_size is None:
+            size = self.data_cfg.slice_size
+            brain = (np.asarray(data.voided) != 0) | mask
+            box = geometry.full_slice_box(brain, size=size, case_id=data.id)
+        else:
+            size = self.data_cfg.crop_size
+            box = geometry.mask_box(
+                mask, min_size=size, multiple=self.multiple, margin=self.infer.crop_margin, shape=mask.shape
+            )
+        h, w = geometry.patch_shape(box, size=size, multiple=self.multiple)
+        return slice(box[0].start, box[0].start + h), slice(box[1].start, box[1].start + w)
+
+    # ------------------------------------------------------------------ sampling
+    def _autocast_dtype(self) -> Optional[torch.dtype]:
+        """bf16 for the network on CUDA (the diffusion arithmetic stays float32); never on CPU."""
+        return torch.bfloat16 if self.device.type == "cuda" and self.infer.bf16 else None
+
+    def sample_slices(self, cond: np.ndarray, seed: int, member: int) -> np.ndarray:
+        """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space)."""
+        inf = self.infer
+        n = cond.shape[0]
+        batch = inf.batch_slices or n
+        rho = inf.noise_correlation
+        shared = CorrelatedNoise(rho, derive_seed(seed, member, 1), self.device) if rho > 0 else None
+        prior = self.data_cfg.prior
+        out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
+        for index, start in enumerate(range(0, n, batch)):
+            chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(self.device)
+            generator = torch.Generator(device=self.device).manual_seed(derive_seed(seed, member, 0, index))
+            known = known_mask = None
+            if inf.repaint:
+                b, m = chunk[:, 0:1], chunk[:, 1:2]
+                known = encode_target(b, b, prior)
+                known_mask = 1.0 - m
+            x0 = self.diffusion.sample(
+                self.model,
+                chunk,
+                sampler=inf.sampler,
+                steps=inf.steps,
+                eta=inf.eta,
+                generator=generator,
+                noise_fn=shared.for_batch() if shared is not None else None,
+                known=known,
+                known_mask=known_mask,
+                clip_denoised=clip_bound(prior),
+                autocast=self._autocast_dtype(),
+                temperature=inf.temperature,
+            )
+            out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ one case
+    def conditioning(self, data):
+        """(slice indices, VolumeInputs, box, conditioning [N, C, H, W]) of every masked slice."""
+        mask = np.asarray(data.mask, dtype=bool)
+        zs = [int(z) for z in np.flatnonzero(mask.any(axis=(0, 1)))]
+        if not zs:
+            raise CaseError(data.id, "mask is empty: nothing to inpaint")
+        vin = volume_inputs(data.voided, mask, self.data_cfg)
+        box = self.slice_box(data)
+        cond = np.stack([slice_conditioning(vin, z, box, self.context) for z in zs]).astype(np.float32, copy=False)
+        return zs, vin, box, cond
+
+    @torch.inference_mode()
+    def __call__(self, data, seed: int) -> Prediction:
+        mask = np.asarray(data.mask, dtype=bool)
+        zs, vin, box, cond = self.conditioning(data)
+        b_crops = cond[:, 0]
+
+        # Normalised volume: known voxels from the voided image; each member fills the mask.
+        base = vin.imap.normalize(data.voided)
+        members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)
+        for k in range(members.shape[0]):
+            x0 = self.sample_slices(cond, seed, k)
+            filled = base.copy()
+            images = decode_sample(x0, b_crops, self.data_cfg.prior)
+            for i, z in enumerate(zs):
+                geometry.paste(np.asarray(images[i], dtype=np.float32), box, filled[:, :, z], where=mask[:, :, z])
+            members[k] = filled[mask]
+
+        mean = base.copy()
+        mean[mask] = members.mean(axis=0)
+        mean = smooth_in_mask(mean, mask, self.infer.smoothing_sigma, self.infer.smoothing_border)
+        volume = np.array(data.voided, dtype=np.float32, copy=True)
+        volume[mask] = vin.imap.denormalize(np.clip(mean[mask], 0.0, 1.0))
+        std = None
+        if members.shape[0] > 1:
+            std = np.zeros(mask.shape, dtype=np.float32)
+            std[mask] = members.std(axis=0) * np.float32(vin.imap.hi - vin.imap.lo)
+        return Prediction(volume=volume, std=std, slices=len(zs))

@@ -1,0 +1,124 @@
+"""Weights files: a run's EMA parameters as safetensors, self-describing through their metadata.
+
+Metadata `config` is the YAML of the model, diffusion and data sections the weights were
+trained with (the resolved architecture, see `config.model_config_yaml`), `step` the training
+step. `load_model` rebuilds the network from that metadata alone, which is how inference and
+warm starts (`warm_start`) use a weights file; `export_weights` writes one from a training
+checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_write
+from .checkpoints import check_same_model, checkpoint_step, cpu_tensors, newest_checkpoint
+from .config import Config, model_config_yaml
+from .errors import InferenceSetupError, TrainError
+from .unet import INPUT_CONV, build_unet, network_channels, widen_input_conv
+
+WEIGHTS_NAME = "model.safetensors"
+# Where the shipped weights live (repo checkout and MLCube workspace alike); overridable by
+# `infer.weights` / `--weights`, or the BRAINPAINT_WEIGHTS environment variable.
+WEIGHTS_ENV = "BRAINPAINT_WEIGHTS"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "workspace" / "additional_files" / WEIGHTS_NAME
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def weights_config(path: Path) -> Config:
+    """The configuration recorded in a weights file (ValueError when it has none)."""
+    meta = read_metadata(path)
+    if "config" not in meta:
+        raise ValueError(f"{Path(path).name} has no 'config' metadata; not a brainpaint weights file")
+    return Config.from_dict(yaml.safe_load(meta["config"]))
+
+
+def export_weights(checkpoint_or_run_dir, out_file) -> Path:
+    """Write the EMA weights of a checkpoint (or a run's newest) as a self-describing weights file."""
+    ckpt = newest_checkpoint(Path(checkpoint_or_run_dir))
+    meta = read_metadata(ckpt / "ema.safetensors")
+    tensors = load_file(str(ckpt / "ema.safetensors"))
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    meta.setdefault("step", str(checkpoint_step(ckpt)))
+    if "config" in meta:
+        meta["config"] = model_config_yaml(Config.from_dict(yaml.safe_load(meta["config"])))
+    with atomic_write(out_file) as tmp:
+        save_file(cpu_tensors(tensors), str(tmp), metadata=meta)
+    return out_file
+
+
+def load_model(weights_path, device="cpu") -> tuple[nn.Module, Config]:
+    """Rebuild the network from a weights file's metadata and load its (EMA) parameters."""
+    weights_path = Path(weights_path)
+    cfg = weights_config(weights_path)
+    model = build_unet(cfg.model, *network_channels(cfg))
+    model.load_state_dict(load_file(str(weights_path)))
+    model.to(torch.device(device)).eval()
+    return model, cfg
+
+
+def resolve_weights(setting: Optional[str | os.PathLike]) -> Path:
+    """The weights file to load: the explicit setting, else $BRAINPAINT_WEIGHTS, else the default.
+
+    A folder is accepted when it holds `model.safetensors` or exactly one `*.safetensors` file,
+    so `--weights workspace/additional_files` works as well as the file itself.
+    """
+    if setting:
+        path = Path(setting)
+    elif os.environ.get(WEIGHTS_ENV):
+        path = Path(os.environ[WEIGHTS_ENV])
+    else:
+        path = DEFAULT_WEIGHTS
+    if path.is_dir():
+        preferred = path / WEIGHTS_NAME
+        found = [preferred] if preferred.is_file() else sorted(path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise InferenceSetupError(
+                f"weights folder {path} must hold model.safetensors or exactly one *.safetensors file"
+            )
+        path = found[0]
+    if not path.is_file():
+        raise InferenceSetupError(f"weights file not found: {path} (set infer.weights, --weights or ${WEIGHTS_ENV})")
+    return path
+
+
+def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.device) -> None:
+    """Load an exported weights file into a fresh run's model and EMA (`train.init_weights`).
+
+    The file must hold the network `cfg` describes; a 2D network may start a 2.5D one (more
+    context slices), whose new input channels start at zero weight (`unet.widen_input_conv`).
+    """
+    if not weights.is_file():
+        raise TrainError(f"train.init_weights: weights file not found: {weights}")
+    meta = read_metadata(weights)
+    if "config" not in meta:
+        raise TrainError(f"train.init_weights: {weights} has no 'config' metadata; not a brainpaint weights file")
+    # Weights files record the resolved architecture: compare with the resolved configuration.
+    resolved = Config.from_dict(yaml.safe_load(model_config_yaml(cfg)))
+    saved = yaml.safe_load(meta["config"]) or {}
+    hint = "train a network like it or drop train.init_weights"
+    check_same_model(saved, resolved, weights, hint=hint, skip=("model.context_slices",))
+    saved_context = int(saved.get("model", {}).get("context_slices", 0) or 0)
+    context = cfg.model.context_slices
+    if saved_context > context:
+        raise TrainError(
+            f"train.init_weights: {weights} was trained with model.context_slices={saved_context}, "
+            f"the parameters say {context}; a network cannot drop input channels, {hint}"
+        )
+    tensors = load_file(str(weights), device=str(device))
+    if saved_context < context:
+        tensors[INPUT_CONV] = widen_input_conv(tensors[INPUT_CONV], network_channels(cfg)[0])
+    model.load_state_dict(tensors)
+    ema.load(tensors)
