@@ -27,7 +27,7 @@ def run_one(preset: str, mode: str, size: int, batch: int, steps: int, warmup: i
 
     from brainpaint.config import Config
     from brainpaint.diffusion import GaussianDiffusion
-    from brainpaint.train import EMA
+    from brainpaint.ema import EMA
     from brainpaint.unet import build_unet, count_parameters, network_channels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,8 @@ from .config import Config
 from .errors import ConfigError
 from .evaluate import run_evaluate
 from .prepare import run_prepare
-from .train import export_weights, run_train
+from .train import run_train
+from .weights import export_weights
 
 app = typer.Typer(
     add_completion=False,
