@@ -151,17 +151,41 @@ def test_padding_small_grid_and_crop_models(tmp_path, case_data):
     np.testing.assert_array_equal(pred.volume[~case_data.mask], case_data.voided[~case_data.mask])
 
 
-def test_smoothing_only_in_region_and_exact():
+def test_smoothing_only_in_mask_and_exact():
     rng = np.random.default_rng(0)
     vol = rng.random((30, 30, 20)).astype(np.float32)
     mask = np.zeros(vol.shape, bool)
     mask[10:14, 12:15, 0:4] = True  # touches the volume edge in z
-    out = smooth_in_mask(vol, mask, sigma=1.075, border=2)
-    region = ndimage.binary_dilation(mask, iterations=2)
-    np.testing.assert_array_equal(out[~region], vol[~region])
+    out = smooth_in_mask(vol, mask, sigma=1.075)
+    np.testing.assert_array_equal(out[~mask], vol[~mask])
     full = ndimage.gaussian_filter(vol, 1.075)
-    np.testing.assert_allclose(out[region], full[region], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out[mask], full[mask], rtol=0, atol=1e-6)
     assert smooth_in_mask(vol, mask, sigma=0, border=2) is vol
+
+
+def test_smoothing_border_is_how_much_known_tissue_the_filter_reads():
+    # Known tissue at 100 around a fill at 0: what the filter reads of the tissue shows directly.
+    vol = np.full((24, 24, 24), 100.0, np.float32)
+    mask = np.zeros(vol.shape, bool)
+    mask[8:16, 8:16, 8:16] = True
+    vol[mask] = 0.0
+    alone = smooth_in_mask(vol, mask, sigma=1.075, border=0)
+    np.testing.assert_array_equal(alone[mask], 0.0)  # the fill smoothed with itself alone
+    fills = {b: smooth_in_mask(vol, mask, sigma=1.075, border=b) for b in (1, 2, 5, 12, None)}
+    edge = fills[None][mask].max()
+    assert edge > 10  # all of the tissue: the seam is blended
+    for b in (1, 2, 5):
+        np.testing.assert_array_equal(fills[b][~mask], vol[~mask])  # known voxels never change
+    assert 0 < fills[1][mask].max() < fills[2][mask].max() < fills[5][mask].max() <= edge
+    np.testing.assert_allclose(fills[12][mask], fills[None][mask], rtol=0, atol=1e-3)
+
+
+def test_smoothing_border_changes_the_fill_of_a_case(weights, case_data):
+    fills = {b: make(weights, smoothing_border=b)(case_data, seed=4).volume for b in (0, 1, 2, 5)}
+    mask = case_data.mask
+    for a, b in ((0, 1), (1, 2), (2, 5)):
+        assert not np.array_equal(fills[a][mask], fills[b][mask]), (a, b)
+        np.testing.assert_array_equal(fills[a][~mask], fills[b][~mask])
 
 
 def test_setup_errors(tmp_path, monkeypatch):

@@ -258,7 +258,8 @@ class InferConfig(_Section):
     batch_slices: int = setting(16, ge=0)  # slices per network batch; 0 = all masked slices of a volume at once
     crop_margin: int = setting(16, ge=0)  # voxels around the mask kept in the in-plane crop (crop models)
     smoothing_sigma: float = setting(1.075, ge=0)  # 0 disables the Gaussian post-filter
-    smoothing_border: int = setting(2, ge=0)  # voxels around the mask that the filter may touch
+    # Voxels of known tissue around the mask that the post-filter reads (None = all of it; smoothing.py).
+    smoothing_border: Optional[int] = setting(None, ge=0)
     repaint: bool = False  # RePaint-style known-region x_t mixing during sampling
     noise_correlation: float = setting(0.0, ge=0, le=1)  # share of noise shared across neighbouring slices
     temperature: float = setting(1.0, ge=0)  # scale of the sampler's noise; 0 with ddim = deterministic path
