@@ -30,6 +30,7 @@ from brainpaint.train import (
     run_train,
     save_checkpoint,
 )
+from brainpaint.validation import Validator
 from brainpaint.unet import build_unet, network_channels
 
 torch.set_num_threads(1)
@@ -114,7 +115,62 @@ def test_validation_writes_a_png_grid_and_metrics(tmp_path, data):
         assert im.size == (4 * 16 + 3 * 2, 3 * 16 + 2 * 2)  # b | m | sample | truth, 3 slices
     val = [r for r in _log_rows(out) if r["val_ssim"]]
     assert [r["step"] for r in val] == ["2"]
-    assert -1 <= float(val[0]["val_ssim"]) <= 1 and float(val[0]["val_psnr"]) > 0
+    # The logged scores are those of the EMA weights of step 2 (the export) on the same slices.
+    ema_model, saved = load_model(out / "model.safetensors")
+    validator = Validator(SliceDataset(data, cfg, augment=False), cfg, torch.device("cpu"))
+    ssim, psnr = validator.run(ema_model, GaussianDiffusion(saved.diffusion), 2, tmp_path / "again")
+    assert float(val[0]["val_ssim"]) == pytest.approx(ssim, rel=1e-5)
+    assert float(val[0]["val_psnr"]) == pytest.approx(psnr, rel=1e-5)
+
+
+class _Returns:
+    """A diffusion whose sampler returns a fixed x0 (zeros by default) and records how it was asked."""
+
+    def __init__(self, x0=None):
+        self.x0, self.calls = x0, []
+
+    def sample(self, model, cond, **kwargs):
+        self.calls.append(kwargs)
+        return torch.zeros(cond.shape[0], 1, *cond.shape[2:]) if self.x0 is None else self.x0.clone()
+
+
+def test_validation_scores_are_the_known_answer(tmp_path, data):
+    cfg = _cfg(train={"val_slices": 3})
+    validator = Validator(SliceDataset(data, cfg, augment=False), cfg, torch.device("cpu"))
+    perfect = validator.run(None, _Returns(validator.x0), 7, tmp_path)
+    assert perfect[0] == pytest.approx(1.0, abs=1e-6) and perfect[1] == pytest.approx(120.0)  # MSE floor 1e-12
+    assert (tmp_path / "validation" / "step_00000007.png").is_file()
+
+    # 0.1 darker inside the mask (x0 is 2 * image - 1 for the prior "none"), clipped at 0.
+    b, mask = validator.cond[:, 0:1], validator.cond[:, 1:2] > 0.5
+    truth = ((validator.x0 + 1) / 2).clamp(0, 1)
+    darker = (truth - 0.1).clamp(0, 1)
+    ssim, psnr = validator.run(None, _Returns(2 * darker - 1), 8, tmp_path)
+    mse = float(((darker - truth)[mask] ** 2).mean())
+    assert psnr == pytest.approx(10 * np.log10(1 / mse), rel=1e-5)
+    assert 0 < ssim < 1
+    assert b.shape[0] == 3
+
+
+def test_validation_clips_the_x0_prediction_like_inference(tmp_path, data):
+    from test_inference import write_weights
+
+    from brainpaint.brats_io import discover_cases, load_case
+    from brainpaint.predictors import DiffusionInpainter
+
+    for prior, bound in (("none", 1.0), ("harmonic", 2.0)):
+        cfg = _cfg(data={"prior": prior}, train={"val_slices": 2})
+        validator = Validator(SliceDataset(data, cfg, augment=False), cfg, torch.device("cpu"))
+        during_training = _Returns(validator.x0)
+        validator.run(None, during_training, 1, tmp_path)
+
+        weights = write_weights(tmp_path / f"{prior}.safetensors", crop_size=16, prior=prior)
+        inpainter = DiffusionInpainter(Config.from_dict({"infer": {"weights": str(weights), "device": "cpu", "steps": 2}}))
+        case = load_case(discover_cases(data, labels=True)[0][0])
+        for_inference = _Returns()
+        inpainter.diffusion = for_inference
+        inpainter(case, seed=0)
+        assert during_training.calls[0]["clip_denoised"] == for_inference.calls[0]["clip_denoised"] == bound, prior
 
 
 def test_masked_psnr_matches_the_official_definition():

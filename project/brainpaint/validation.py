@@ -21,7 +21,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from .atomic import atomic_write
 from .checkpoints import STEP_PREFIX
 from .config import Config
-from .dataset import decode_sample
+from .dataset import clip_bound, decode_sample
 
 
 def masked_ssim_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -99,7 +99,7 @@ class Validator:
             sampler="ddim",
             steps=self.cfg.train.val_steps,
             generator=generator,
-            clip_denoised=(prior == "none"),
+            clip_denoised=clip_bound(prior),
             autocast=torch.bfloat16 if (self.device.type == "cuda" and self.cfg.train.bf16) else None,
         )
         b = self.cond[:, 0:1]
