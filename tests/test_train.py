@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import synth
 from brainpaint.config import Config
-from brainpaint.dataset import SliceDataset
+from brainpaint.dataset import SliceDataset, TrainStream
 from brainpaint.diffusion import GaussianDiffusion
 from brainpaint.train import (
     EMA,
@@ -462,3 +462,118 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
     assert [int(r["step"]) for r in _log_rows(out) if r["loss"]] == [1, 2, 3]  # rank 0 logs alone
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003"]
+
+
+# --------------------------------------------------------------------------- resume = the uninterrupted run
+def _checkpoint_tensors(out: Path, step: int) -> dict:
+    ckpt = out / "checkpoints" / f"step_{step:08d}"
+    return {name: load_file(str(ckpt / name)) for name in ("model.safetensors", "ema.safetensors")}
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, data, workers):
+    # Crops with jitter and flips: the data stream draws augmentation randomness every sample.
+    settings = dict(data={"num_workers": workers, "flip_prob": 0.5}, train={"save_every": 2, "batch_size": 3})
+    whole = tmp_path / "whole"
+    assert run_train(_cfg(**{**settings, "train": {**settings["train"], "max_steps": 5}}), data, whole) == 0
+    parts = tmp_path / "parts"
+    assert run_train(_cfg(**{**settings, "train": {**settings["train"], "max_steps": 2}}), data, parts) == 0
+    assert run_train(_cfg(**{**settings, "train": {**settings["train"], "max_steps": 5}}), data, parts) == 0
+    _assert_same_tensors(_checkpoint_tensors(parts, 5), _checkpoint_tensors(whole, 5))
+
+
+def test_stream_skipping_draws_what_sampling_would(data):
+    for crop in (16, None):
+        cfg = _cfg(data={"crop_size": crop, "slice_size": 48, "flip_prob": 0.5})
+        ds = SliceDataset(data, cfg)
+        seq = iter(TrainStream(ds, seed=5))
+        expected = [next(seq) for _ in range(7)][-1]
+        resumed = next(iter(TrainStream(ds, seed=5, skip=6)))
+        assert torch.equal(resumed["x0"], expected["x0"]) and torch.equal(resumed["cond"], expected["cond"])
+
+
+# --------------------------------------------------------------------------- failures are reported, bugs are not hidden
+def test_no_resume_keeps_the_old_checkpoints_until_the_new_run_has_saved(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    assert run_train(_cfg(train={"max_steps": 2}), data, out) == 0
+    old = [p.name for p in list_checkpoints(out)]
+    # A fresh run that fails before it saves anything leaves the old checkpoints in place.
+    failing = _cfg(train={"max_steps": 1, "init_weights": str(tmp_path / "missing.safetensors")})
+    assert run_train(failing, data, out, resume=False) == 1
+    assert "weights file not found" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(out)] == old
+    # Once the new run has written a checkpoint, only its own are left.
+    assert run_train(_cfg(train={"max_steps": 1}), data, out, resume=False) == 0
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000001"]
+    assert sorted(p.name for p in out.iterdir() if "checkpoints" in p.name) == ["checkpoints"]
+
+
+def test_a_failed_export_is_a_one_line_error(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    (out / "model.safetensors").mkdir(parents=True)  # the export cannot replace a folder
+    (out / "model.safetensors" / "keep").write_text("x")
+    assert run_train(_cfg(train={"max_steps": 1}), data, out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write") and "model.safetensors" in err[-1]
+
+
+def test_programming_errors_keep_their_traceback(tmp_path, data, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", broken)
+    with pytest.raises(ValueError, match="a bug, not a user error"):
+        run_train(_cfg(train={"max_steps": 1}), data, tmp_path / "out")
+
+
+def test_missing_data_folder_is_a_one_line_error(tmp_path, capsys):
+    assert run_train(_cfg(train={"max_steps": 1}), tmp_path / "absent", tmp_path / "out") == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: data folder {tmp_path / 'absent'} does not exist"
+
+
+def _torchrun(data: Path, out: Path, params: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "brainpaint", "train", "--data-path", str(data), "--output-path", str(out),
+           "--parameters-file", str(params)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+def _four_cases(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    for i in range(4):  # enough cases for each rank to get its own
+        synth.write_case(root, f"case-{i}", seed=i, radius=3)
+    return root
+
+
+def test_ddp_resume_restores_every_rank_and_continues_the_uninterrupted_run(tmp_path):
+    root = _four_cases(tmp_path)
+    runs = {}
+    for name, stops in (("whole", [4]), ("parts", [2, 4])):
+        out = tmp_path / name
+        for max_steps in stops:
+            params = tmp_path / f"{name}-{max_steps}.yaml"
+            _cfg(train={"max_steps": max_steps, "save_every": 2}).save(params)
+            result = _torchrun(root, out, params)
+            assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _checkpoint_tensors(out, 4)
+    _assert_same_tensors(runs["parts"], runs["whole"])
+
+
+def test_ddp_export_failure_on_rank_0_stops_every_rank_with_a_message(tmp_path):
+    root = _four_cases(tmp_path)
+    out = tmp_path / "out"
+    (out / "model.safetensors").mkdir(parents=True)
+    (out / "model.safetensors" / "keep").write_text("x")
+    params = tmp_path / "params.yaml"
+    _cfg(train={"max_steps": 2, "save_every": 100}).save(params)
+    result = _torchrun(root, out, params)
+    assert result.returncode != 0
+    assert "error: cannot write" in result.stderr
+    assert "error: rank 0 could not" in result.stderr, result.stderr[-3000:]

@@ -102,6 +102,13 @@ def rng_state() -> dict:
     return state
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -109,6 +116,32 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def set_aside(run_dir: Path) -> Optional[Path]:
+    """Move a run's checkpoints out of the way of a fresh run (`--no-resume`); their new place.
+
+    They are deleted (`drop_aside`) once the fresh run has saved its own first checkpoint, and
+    put back (`put_back`) if it ends before that.
+    """
+    run_dir = Path(run_dir)
+    if not list_checkpoints(run_dir):
+        return None
+    aside = run_dir / f"{CHECKPOINTS}.previous"
+    shutil.rmtree(aside, ignore_errors=True)
+    (run_dir / CHECKPOINTS).rename(aside)
+    return aside
+
+
+def drop_aside(aside: Optional[Path]) -> None:
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def put_back(run_dir: Path, aside: Optional[Path]) -> None:
+    if aside is not None and aside.is_dir() and not list_checkpoints(run_dir):
+        shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
+        aside.rename(Path(run_dir) / CHECKPOINTS)
 
 
 def check_same_model(

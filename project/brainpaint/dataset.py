@@ -21,7 +21,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -334,6 +334,18 @@ class SliceDataset(Dataset):
             "cond": torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32)),
         }
 
+    def skip_sample(self, rng: random.Random, augment: Optional[bool] = None) -> None:
+        """Advance `rng` exactly as `sample` does, without decoding anything (to resume a stream).
+
+        `sample` draws, when augmenting, the crop jitter (one draw per axis, crops only) and
+        then the flip; keep the two methods in step.
+        """
+        if not (self.augment if augment is None else augment):
+            return
+        for _ in range(2 if self.cfg.data.crop_size is not None else 0):
+            rng.random()
+        rng.random()
+
     def __getitem__(self, index: int) -> dict:
         return self.sample(self.pairs[index], self._rng)
 
@@ -349,20 +361,30 @@ class TrainStream(IterableDataset):
     cache, shuffling the pairs within a group. Every volume is thus decoded by a single worker,
     at most once per epoch, and only once per run when the shard's cases fit in its cache. With fewer cases than shards, the pairs themselves are dealt out instead.
     The stream never ends: training is counted in steps, and ranks never run out unevenly.
+
+    `skip` batches of `batch_size` samples are passed over first (without decoding anything):
+    a resumed run continues the stream of the uninterrupted one. With loader workers, batch j
+    of a rank comes from worker j % workers, so each worker skips its own share.
     """
 
-    def __init__(self, dataset: SliceDataset, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, dataset: SliceDataset, seed: int = 0, rank: int = 0, world_size: int = 1, skip: int = 0, batch_size: int = 1
+    ):
         if not len(dataset):
             raise ValueError("no training slices: no usable case has a non-empty mask")
         self.dataset = dataset
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.skip = skip
+        self.batch_size = batch_size
 
-    def _shard(self) -> tuple[int, int]:
+    def _shard(self) -> tuple[int, int, int]:
+        """(this loader shard, number of shards, samples this shard skips)."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        skipped_batches = len(range(worker, self.skip, workers))
+        return self.rank * workers + worker, self.world_size * workers, skipped_batches * self.batch_size
 
     def shard_pairs(self, epoch: int, shard: int, n_shards: int) -> list[list[tuple[int, int]]]:
         """The groups of pairs one shard visits in one epoch (each group fits the cache)."""
@@ -393,7 +415,7 @@ class TrainStream(IterableDataset):
         return [mine]
 
     def __iter__(self) -> Iterator[dict]:
-        shard, n_shards = self._shard()
+        shard, n_shards, skip = self._shard()
         ds = self.dataset
         epoch = 0
         while True:
@@ -402,6 +424,11 @@ class TrainStream(IterableDataset):
             for group in self.shard_pairs(epoch, shard, n_shards):
                 for pair in group:
                     if pair[0] in ds._bad_units:
+                        continue
+                    if skip:
+                        ds.skip_sample(aug)
+                        skip -= 1
+                        produced += 1
                         continue
                     try:
                         yield ds.sample(pair, aug)

@@ -10,8 +10,12 @@ import hashlib
 import os
 import signal
 
+from typing import Callable
+
 import torch
 from torch import nn
+
+from .errors import TrainError
 
 
 class DistEnv:
@@ -45,12 +49,30 @@ class DistEnv:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def gather_strings(self, value: str) -> list[str]:
+    def gather(self, value) -> list:
+        """`value` of every rank, in rank order, on every rank (any picklable object)."""
         if not self.enabled:
             return [value]
         out: list = [None] * self.world_size
         torch.distributed.all_gather_object(out, value)
         return out
+
+    def on_main(self, device: torch.device, what: str, action: Callable[[], None]) -> None:
+        """Run `action` on rank 0; when it fails, every rank raises (none is left at a barrier).
+
+        An OSError (full disk, permissions, a folder in the way) becomes a one-line TrainError
+        "cannot <what>: ..."; the other ranks raise "rank 0 could not <what>".
+        """
+        failure = None
+        if self.is_main:
+            try:
+                action()
+            except OSError as exc:
+                failure = TrainError(f"cannot {what}: {exc}")
+            except Exception as exc:
+                failure = exc
+        if self.any(failure is not None, device):
+            raise failure if failure is not None else TrainError(f"rank 0 could not {what}; stopping this rank too")
 
     def barrier(self) -> None:
         if self.enabled:

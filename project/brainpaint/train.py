@@ -9,8 +9,10 @@ A run lives in one output folder:
     <out>/train_summary.json             final step, world size, per-rank weight digests
     <out>/parameters.yaml                the run's configuration
 
-`resume` continues from the newest checkpoint at the same step with the same EMA, optimizer
-and RNG states. Under torchrun every rank trains on its own shard of the slices through
+`resume` continues from the newest checkpoint at the same step with the same EMA, optimizer,
+every rank's RNG states and the same position in the data stream: the resumed run computes
+what the uninterrupted one would have. A fresh run (`resume=False`) sets the old checkpoints
+aside and deletes them only once it has saved its own first one. Under torchrun every rank trains on its own shard of the slices through
 DistributedDataParallel (distributed.py); only rank 0 writes. `train.batch_size` is the batch
 of one rank. AdamW, EMA weights (ema.py), bf16 autocast, torch.compile and channels_last on CUDA.
 """
@@ -19,14 +21,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import random
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -34,16 +33,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .atomic import write_text
-from .checkpoints import CHECKPOINTS, check_same_model, list_checkpoints, save_checkpoint, set_rng_state
+from .checkpoints import (
+    check_same_model, drop_aside, list_checkpoints, put_back, rng_state, save_checkpoint, seed_all, set_aside,
+    set_rng_state,
+)
 from .config import Config, model_config_yaml
 from .dataset import SliceDataset, TrainStream
 from .devices import select_device
 from .diffusion import GaussianDiffusion
 from .distributed import DistEnv, StopSignal, ignore_stop_signals, weights_digest
 from .ema import EMA
-from .errors import ConfigError, TrainError, one_line
-from .train_log import LOG_NAME, CsvLog
-from .unet import build_unet, network_channels
+from .errors import CaseError, ConfigError, TrainError, one_line
+from .train_log import LOG_NAME, CsvLog, Progress
+from .unet import build_unet, network_channels, size_multiple
 from .validation import Validator, masked_ssim_psnr
 from .weights import WEIGHTS_NAME, export_weights, load_model, warm_start
 
@@ -52,12 +54,6 @@ __all__ = [
     "EMA", "Trainer", "TrainError", "export_weights", "list_checkpoints", "load_model", "masked_ssim_psnr",
     "model_config_yaml", "run_train", "save_checkpoint",
 ]
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -70,6 +66,8 @@ class Trainer:
         self.resume = resume
         self.dist = dist or DistEnv()
         self.step = 0
+        self.rng: Optional[dict] = None  # this rank's RNG state of the checkpoint resumed from
+        self.aside: Optional[Path] = None  # the previous run's checkpoints, while not yet replaced
 
     def say(self, message: str) -> None:
         if self.dist.is_main:
@@ -81,6 +79,10 @@ class Trainer:
         tc, dist = self.tc, self.dist
         self.device = select_device(tc.device, dist.local_rank)
         dist.init(self.device)
+        multiple, size = size_multiple(self.cfg.model), self.cfg.data.crop_size or self.cfg.data.slice_size
+        if size % multiple:
+            key = "crop_size" if self.cfg.data.crop_size else "slice_size"
+            raise TrainError(f"data.{key} ({size}) must be a multiple of {multiple}, the network's downsampling factor")
         self.dataset = self._dataset(self.data_dir, "case", augment=True)
         if not len(self.dataset):
             raise TrainError(f"no training slices in {self.data_dir}: no usable case with a non-empty mask-healthy")
@@ -96,7 +98,10 @@ class Trainer:
         self.ema = EMA(self.raw, tc.ema_rate, warmup=tc.ema_warmup)
 
     def _dataset(self, folder: Path, what: str, augment: bool) -> SliceDataset:
-        dataset = SliceDataset(folder, self.cfg, augment=augment, seed=self.tc.seed, log=self.say)
+        try:
+            dataset = SliceDataset(folder, self.cfg, augment=augment, seed=self.tc.seed, log=self.say)
+        except (FileNotFoundError, NotADirectoryError) as exc:  # the data folder itself
+            raise TrainError(str(exc)) from exc
         for err in dataset.errors:
             self.say(f"warning: skipping {what} {err}")
         return dataset
@@ -106,16 +111,17 @@ class Trainer:
         """Continue from the newest checkpoint, or warm-start from `train.init_weights`."""
         dist, out = self.dist, self.out_dir
         ckpts = list_checkpoints(out) if self.resume else []
-        if not self.resume and list_checkpoints(out) and dist.is_main:
-            self.say(f"warning: not resuming: removing the old checkpoints in {out / CHECKPOINTS}")
-            shutil.rmtree(out / CHECKPOINTS)
+        if not self.resume and dist.is_main:
+            self.aside = set_aside(out)
+            if self.aside:
+                self.say(f"warning: not resuming: the old checkpoints wait in {self.aside} until this run has saved one")
         dist.barrier()
         if ckpts:
             self._resume_from(ckpts[-1])
         elif self.tc.init_weights:
             warm_start(self.raw, self.ema, self.cfg, Path(self.tc.init_weights), self.device)
             self.say(f"starting from the weights in {self.tc.init_weights} (model and EMA; new optimizer, step 0)")
-        if not ckpts or dist.world_size > 1:
+        if self.rng is None:
             seed_all(self.tc.seed * 1000003 + dist.rank * 7919 + self.step)  # each rank draws its own noise
 
     def _resume_from(self, ckpt: Path) -> None:
@@ -125,8 +131,11 @@ class Trainer:
         self.ema.load(load_file(str(ckpt / "ema.safetensors"), device=str(self.device)))
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        if self.dist.world_size == 1:
-            set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks", [state["rng"]])
+        if len(ranks) == self.dist.world_size:
+            self.rng = ranks[self.dist.rank]  # restored in `start`, once the data loader is built
+        else:
+            self.say(f"warning: {ckpt} holds RNG states of {len(ranks)} rank(s), not {self.dist.world_size}: new seeds")
         self.say(f"resuming from {ckpt} at step {self.step}")
 
     # ------------------------------------------------------------------ the loop
@@ -139,22 +148,26 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.raw, device_ids=ids)
         if tc.compile:
             self.model = torch.compile(self.model)
-        self.log = None
+        log = None
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.out_dir / "parameters.yaml")
-            self.log = CsvLog(self.out_dir / LOG_NAME, resume_step=self.step)
+            log = CsvLog(self.out_dir / LOG_NAME, resume_step=self.step)
+        self.progress = Progress(log, slices_per_step=tc.batch_size * dist.world_size)
         self.validator = Validator(self.val_set, self.cfg, self.device) if dist.is_main and tc.val_every > 0 else None
         self.ema_model = None
-        self.batches = iter(self._loader(seed=tc.seed * 1000003 + self.step))
+        self.batches = iter(self._loader())
+        if self.rng is not None:  # after the loader's own draw: the uninterrupted run's state from here
+            set_rng_state(self.rng)
         self.bar = tqdm(total=tc.max_steps, initial=self.step, disable=not dist.is_main, dynamic_ncols=True,
                         desc="train", file=sys.stderr)
-        self.sums = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
-        self.since, self.t_last = 0, time.monotonic()
-        self.t_start = time.monotonic()
 
-    def _loader(self, seed: int) -> DataLoader:
-        stream = TrainStream(self.dataset, seed=seed, rank=self.dist.rank, world_size=self.dist.world_size)
+    def _loader(self) -> DataLoader:
+        """The data stream, past the batches the steps so far have used."""
+        stream = TrainStream(
+            self.dataset, seed=self.tc.seed * 1000003, rank=self.dist.rank, world_size=self.dist.world_size,
+            skip=self.step, batch_size=self.tc.batch_size,
+        )
         workers = self.cfg.data.num_workers
         return DataLoader(
             stream,
@@ -186,34 +199,25 @@ class Trainer:
         self.optimizer.step()
         self.ema.update(self.raw, self.step)
         self.step += 1
-        self.since += 1
-        for key in self.sums:  # summed on the device: no host sync per step
-            if terms.get(key) is not None:
-                self.sums[key] = self.sums[key] + terms[key].detach().float().mean()
+        self.progress.add(terms)
         self.bar.update(1)
 
     def hooks(self) -> None:
         """After a step: log, validate and checkpoint when their intervals come round."""
         tc, step = self.tc, self.step
         if self.dist.is_main and (step % tc.log_every == 0 or step == tc.max_steps):
-            self._log_progress()
+            loss = self.progress.write(self.step, self.optimizer.param_groups[0]["lr"])
+            self.bar.set_postfix(loss=f"{loss:.4f}")
         if self.validator is not None and step % tc.val_every == 0:
             self._validate()
-        if self.dist.is_main and step % tc.save_every == 0:
-            save_checkpoint(self.out_dir, step, self.raw, self.ema, self.optimizer, self.cfg, tc.keep_last)
+        if step % tc.save_every == 0:
+            rng = self.dist.gather(rng_state())
+            self.dist.on_main(self.device, "write the checkpoint", lambda: self._save(rng))
 
-    def _log_progress(self) -> None:
-        now = time.monotonic()
-        rate = self.since / max(now - self.t_last, 1e-9)
-        means = {k: float(v) / self.since for k, v in self.sums.items()}
-        self.bar.set_postfix(loss=f"{means['loss']:.4f}")
-        self.log.write(
-            step=self.step, time_s=round(now - self.t_start, 3), loss=means["loss"], mse=means["mse"], vb=means["vb"],
-            lr=self.optimizer.param_groups[0]["lr"], it_per_s=rate,
-            slices_per_s=rate * self.tc.batch_size * self.dist.world_size,
-        )
-        self.sums = dict.fromkeys(self.sums, 0.0)
-        self.since, self.t_last = 0, now
+    def _save(self, rng: list) -> None:
+        save_checkpoint(self.out_dir, self.step, self.raw, self.ema, self.optimizer, self.cfg, self.tc.keep_last, rng)
+        drop_aside(self.aside)  # the previous run's checkpoints, now replaced
+        self.aside = None
 
     def _validate(self) -> None:
         if self.ema_model is None:
@@ -221,15 +225,22 @@ class Trainer:
         self.ema.copy_to(self.ema_model)
         scores = self.validator.run(self.ema_model, self.diffusion, self.step, self.out_dir)
         if scores:
-            self.log.write(step=self.step, time_s=round(time.monotonic() - self.t_start, 3),
-                           val_ssim=scores[0], val_psnr=scores[1])
+            self.progress.write_validation(self.step, *scores)
             self.bar.write(f"step {self.step}: validation SSIM {scores[0]:.4f} PSNR {scores[1]:.2f} dB", file=sys.stderr)
 
     def run(self) -> int:
         """Train until `train.max_steps`, SIGTERM or `train.max_minutes`; returns the exit code."""
-        self.build()
-        self.restore()
-        self.start()
+        try:
+            self.build()
+            self.restore()
+            self.start()
+            return self._loop()
+        except BaseException:
+            if self.dist.is_main:
+                put_back(self.out_dir, self.aside)  # ended before saving: the old checkpoints return
+            raise
+
+    def _loop(self) -> int:
         deadline = time.monotonic() + 60.0 * self.tc.max_minutes if self.tc.max_minutes else None
         try:
             with StopSignal() as stop:
@@ -248,20 +259,10 @@ class Trainer:
     # ------------------------------------------------------------------ finish
     def finish(self) -> int:
         """Final checkpoint, exported EMA weights and summary; every rank checks the digests."""
-        dist, out, step = self.dist, self.out_dir, self.step
-        digests = dist.gather_strings(weights_digest(self.raw))
-        if dist.is_main:
-            save_checkpoint(out, step, self.raw, self.ema, self.optimizer, self.cfg, self.tc.keep_last)
-            export_weights(out, out / WEIGHTS_NAME)
-            summary = {
-                "step": step,
-                "world_size": dist.world_size,
-                "rank_weight_digests": digests,
-                "cases": len(self.dataset.cases),
-                "rejected_cases": [str(e) for e in self.dataset.errors],
-            }
-            write_text(out / "train_summary.json", json.dumps(summary, indent=2))
-            self.say(f"exported EMA weights of step {step} to {out / WEIGHTS_NAME}")
+        dist = self.dist
+        digests = dist.gather(weights_digest(self.raw))
+        rng = dist.gather(rng_state())
+        self.dist.on_main(self.device, "write the final checkpoint and weights", lambda: self._write_final(digests, rng))
         if len(set(digests)) > 1:  # every rank sees the same digests, so every rank stops here
             raise TrainError(f"ranks ended with different weights ({len(set(digests))} distinct digests)")
         dist.barrier()
@@ -271,12 +272,27 @@ class Trainer:
         return 0
 
 
+    def _write_final(self, digests: list[str], rng: list) -> None:
+        out, step = self.out_dir, self.step
+        self._save(rng)
+        export_weights(out, out / WEIGHTS_NAME)
+        summary = {
+            "step": step,
+            "world_size": self.dist.world_size,
+            "rank_weight_digests": digests,
+            "cases": len(self.dataset.cases),
+            "rejected_cases": [str(e) for e in self.dataset.errors],
+        }
+        write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+        self.say(f"exported EMA weights of step {step} to {out / WEIGHTS_NAME}")
+
+
 def run_train(cfg: Config, data_dir, out_dir, val_dir=None, resume: bool = True) -> int:
     """Train, checkpoint and export; returns the process exit code (0 ok, 1 failed or a case was rejected)."""
     dist = DistEnv()
     try:
         return Trainer(cfg, data_dir, out_dir, val_dir, resume, dist).run()
-    except (TrainError, ConfigError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+    except (TrainError, ConfigError, CaseError) as exc:  # user-facing; anything else is a bug: traceback
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -37,3 +38,36 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+class Progress:
+    """Running means of the loss terms between log rows, and the throughput, for the CSV log."""
+
+    def __init__(self, log: Optional[CsvLog], slices_per_step: int):
+        self.log = log  # None on ranks other than 0
+        self.slices_per_step = slices_per_step
+        self.sums = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        self.since, self.t_last = 0, time.monotonic()
+        self.t_start = time.monotonic()
+
+    def add(self, terms: dict) -> None:
+        self.since += 1
+        for key in self.sums:  # summed on the device: no host sync per step
+            if terms.get(key) is not None:
+                self.sums[key] = self.sums[key] + terms[key].detach().float().mean()
+
+    def write(self, step: int, lr: float) -> float:
+        """One row with the means since the last row; returns the mean loss."""
+        now = time.monotonic()
+        rate = self.since / max(now - self.t_last, 1e-9)
+        means = {k: float(v) / self.since for k, v in self.sums.items()}
+        self.log.write(
+            step=step, time_s=round(now - self.t_start, 3), loss=means["loss"], mse=means["mse"], vb=means["vb"],
+            lr=lr, it_per_s=rate, slices_per_s=rate * self.slices_per_step,
+        )
+        self.sums = dict.fromkeys(self.sums, 0.0)
+        self.since, self.t_last = 0, now
+        return means["loss"]
+
+    def write_validation(self, step: int, ssim: float, psnr: float) -> None:
+        self.log.write(step=step, time_s=round(time.monotonic() - self.t_start, 3), val_ssim=ssim, val_psnr=psnr)
