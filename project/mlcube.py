@@ -73,6 +73,7 @@ def prepare_runtime(base: Optional[str] = None) -> Path:
 
 def gpu_visible() -> bool:
     """Whether torch sees a CUDA device (false on CPU-only hosts and CPU builds of torch)."""
+    # Imported here, after prepare_runtime: torch reads its cache locations when it is imported.
     import torch
 
     return bool(torch.cuda.is_available())
@@ -125,7 +126,7 @@ def cli_arguments(args: argparse.Namespace, use_gpu: bool) -> list[str]:
             ("--parameters-file", args.parameters_file),
             ("--weights", args.weights),
         )
-        # Without a visible GPU an explicit `infer.device: cuda` would fail every case.
+        # Without a visible GPU an explicit `device: cuda` setting would fail the task.
         return argv if use_gpu else argv + ["--device", "cpu"]
     if args.task == "evaluate":
         return ["evaluate"] + pairs(
@@ -135,12 +136,13 @@ def cli_arguments(args: argparse.Namespace, use_gpu: bool) -> list[str]:
             ("--parameters-file", args.parameters_file),
         )
     if args.task == "train":
-        return ["train"] + pairs(
+        argv = ["train"] + pairs(
             ("--data-path", args.data_path),
             ("--output-path", args.output_path),
             ("--parameters-file", args.parameters_file),
             ("--val-path", args.val_path),
         )
+        return argv if use_gpu else argv + ["--device", "cpu"]
     raise ValueError(f"unknown task {args.task}")  # argparse already rejects these
 
 
@@ -163,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli_argv = cli_arguments(args, use_gpu)
     _say("running: brainpaint " + " ".join(cli_argv))
 
-    from brainpaint.cli import app
+    from brainpaint.cli import app  # after prepare_runtime, like torch (see gpu_visible)
 
     try:
         app(args=cli_argv, prog_name="brainpaint", standalone_mode=True)

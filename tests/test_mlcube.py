@@ -6,6 +6,7 @@ run by CI after the test suite; these tests cover what can be checked without an
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -102,12 +103,89 @@ def test_hadolint_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_build_paths():
-    text = (REPO / "Dockerfile").read_text()
-    assert "ARG BASE_IMAGE=nvidia/cuda:" in text and "runtime" in text.split("ARG BASE_IMAGE=")[1].split()[0]
-    for needed in ("ARG OFFLINE=", "ARG TORCH_CUDA_ARCH=sm_90", "COPY wheels/", "ENTRYPOINT"):
-        assert needed in text
-    assert "USER root" not in text
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    instructions, current = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip()[:-1] + " " if line.rstrip().endswith("\\") else line
+        if not line.rstrip().endswith("\\"):
+            keyword, _, rest = current.strip().partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+            current = ""
+    return instructions
+
+
+def _in_build_context(path: str) -> bool:
+    """Whether .dockerignore lets `path` (relative to the repository) into the build context.
+
+    Docker's rules: patterns in order, the last one that matches decides, `!` re-includes, a
+    pattern that matches a folder matches everything below it, `**/` matches any depth.
+    """
+    import fnmatch
+
+    included = True
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        rule = raw.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        keep = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        candidates = prefixes + (["/".join(parts[i:]) for i in range(len(parts))] if pattern.startswith("**/") else [])
+        pattern = pattern[3:] if pattern.startswith("**/") else pattern
+        if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            included = keep
+    return included
+
+
+def _copies() -> list[tuple[str, str]]:
+    """(source, destination) of every COPY from the build context (not from another stage)."""
+    out = []
+    for keyword, args in _dockerfile():
+        if keyword == "COPY" and not args.startswith("--from"):
+            *sources, dest = args.split()
+            out += [(src, dest) for src in sources]
+    return out
+
+
+def test_every_copy_source_is_in_the_build_context():
+    for src, _ in _copies():
+        path = REPO / src
+        assert path.exists(), f"COPY {src}: not in the repository"
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        sent = [p for p in files if _in_build_context(str(p.relative_to(REPO)))]
+        assert sent, f"COPY {src}: .dockerignore keeps it out of the build context"
+    assert not _in_build_context("workspace/additional_files/model.safetensors")
+    assert not _in_build_context("tests/test_mlcube.py")
+    assert not _in_build_context("project/brainpaint/__pycache__/cli.cpython-311.pyc")
+
+
+def test_the_image_installs_the_package_pyproject_describes_and_runs_the_entrypoint():
+    import tomllib
+
+    copies = dict(_copies())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    package_root = pyproject["tool"]["setuptools"]["package-dir"][""]  # "project"
+    source = copies["pyproject.toml"].rstrip("/")
+    # The package folder lands where pyproject.toml's package-dir expects it, beside it.
+    assert copies[f"{package_root}/brainpaint/"] == f"{source}/{package_root}/brainpaint/"
+    assert (REPO / package_root / "brainpaint" / "__init__.py").is_file()
+    runs = " ".join(args for keyword, args in _dockerfile() if keyword == "RUN")
+    assert f"pip install --no-cache-dir --no-deps {source}" in runs
+    entrypoint = json.loads(dict(_dockerfile())["ENTRYPOINT"])
+    assert entrypoint[1] == copies["project/mlcube.py"]  # the entrypoint runs the copied script
+    assert entrypoint[0].startswith("/opt/brainpaint/venv/")
+
+
+def test_dockerfile_arguments_and_user():
+    instructions = _dockerfile()
+    args = dict(a.split("=", 1) for k, a in instructions if k == "ARG" and "=" in a)
+    assert args["BASE_IMAGE"].startswith("nvidia/cuda:") and "runtime" in args["BASE_IMAGE"]
+    assert args["OFFLINE"] == "0" and args["TORCH_CUDA_ARCH"] == "sm_90"
+    assert ("USER", "root") not in instructions
     ignore = (REPO / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") + 1 :].count("!wheels/") == 1
     assert (REPO / "wheels" / "README.md").is_file()
@@ -115,6 +193,35 @@ def test_dockerfile_build_paths():
     if shutil.which("git") and (REPO / ".git").exists():
         ignored = subprocess.run(["git", "check-ignore", "-q", "wheels/README.md"], cwd=REPO)
         assert ignored.returncode == 1, "wheels/README.md is git-ignored"
+
+
+def test_documents_named_by_the_delivery_exist():
+    import re
+
+    for name in ("Dockerfile", "mlcube/mlcube.yaml", "README.md", "docs/ARCHITECTURE.md"):
+        for doc in re.findall(r"docs/[A-Za-z_]+\.md", (REPO / name).read_text()):
+            assert (REPO / doc).is_file(), f"{name} points to {doc}, which does not exist"
+
+
+@pytest.mark.parametrize("task", ["infer", "evaluate", "train"])
+def test_each_task_as_mlcube_calls_it_is_a_valid_brainpaint_command(cube, task):
+    """MLCube's call with the declared parameters -> entrypoint -> a command line the CLI parses."""
+    import typer.main
+
+    from brainpaint.cli import app
+
+    params = cube["tasks"][task]["parameters"]
+    declared = {**params["inputs"], **params["outputs"]}
+    argv = [task] + [f"--{name}=/mlcube_io{i}/{spec['default']}" for i, (name, spec) in enumerate(declared.items())]
+    entry = _load_entrypoint()
+    for use_gpu in (True, False):
+        cli_argv = entry.cli_arguments(entry._parser().parse_args(argv), use_gpu=use_gpu)
+        group = typer.main.get_command(app)
+        command = group.get_command(None, cli_argv[0])
+        context = command.make_context(cli_argv[0], cli_argv[1:])  # raises on unknown or missing options
+        given = {k: v for k, v in context.params.items() if v is not None}
+        assert len([a for a in cli_argv[1:] if a.startswith("--")]) == len([k for k in given if k not in ("overwrite", "resume")])
+        assert (given.get("device") == "cpu") == (not use_gpu and task != "evaluate")
 
 
 # ---------------------------------------------------------------- the entrypoint without Docker
@@ -138,6 +245,7 @@ def test_medperf_forms_translate_to_the_cli():
     ]
     args = parser.parse_args(["train", "--data-path", "/d", "--output-path", "/c"])
     assert entry.cli_arguments(args, use_gpu=True) == ["train", "--data-path", "/d", "--output-path", "/c"]
+    assert entry.cli_arguments(args, use_gpu=False)[-2:] == ["--device", "cpu"]
 
 
 def test_missing_required_option_is_an_error(capsys):
@@ -200,6 +308,23 @@ def test_infer_task_harmonic_on_cpu(tmp_path):
     np.testing.assert_array_equal(values[~mask], voided[~mask])
     assert values[mask].min() > 0, "the harmonic fill leaves no hole inside the brain"
     assert sorted(p.name for p in folder.iterdir()) == before, "inputs untouched"
+
+
+def test_train_task_on_cpu_with_a_cuda_setting(tmp_path):
+    """Without a GPU the train task runs on the CPU too, whatever train.device says."""
+    data, out = tmp_path / "data", tmp_path / "checkpoints"
+    synth.write_case(data, "case-a", seed=0, radius=4)
+    params = tmp_path / "parameters.yaml"
+    params.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"}, "diffusion": {"steps": 100}, "data": {"crop_size": 16},
+        "train": {"device": "cuda", "max_steps": 1, "batch_size": 2, "val_every": 0},
+    }))
+    result = _run_entrypoint(
+        tmp_path, "train", f"--data_path={data}", f"--output_path={out}", f"--parameters_file={params}"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no GPU visible" in result.stderr and "--device cpu" in result.stderr
+    assert (out / "model.safetensors").is_file()
 
 
 def test_bad_parameters_file_fails_with_one_line(tmp_path):
