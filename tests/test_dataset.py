@@ -9,6 +9,7 @@ import torch
 
 import synth
 from brainpaint import dataset as ds_mod
+from brainpaint import masks
 from brainpaint.config import Config
 from brainpaint.dataset import (
     SliceDataset,
@@ -257,32 +258,31 @@ def test_context_slices_add_neighbour_channels(cases):
     np.testing.assert_array_equal(sample["cond"][2].numpy(), entry.vin.b[:, :, z - 1 - entry.z0])
 
 
-def _ball_masks(brain, n, seed, avoid=None):
-    """Stand-in generator: balls placed away from `avoid`, on the brain's grid."""
-    out = []
-    for k in range(n):
-        centre = (14 + 4 * k, 14, 6 + k)
-        ball = synth.make_mask(brain.shape, centre=centre, radius=3).astype(bool) & brain
-        assert not (ball & avoid).any()
-        out.append(ball)
-    return out
-
-
-def test_extra_generated_masks_add_pairs(cases, monkeypatch):
-    monkeypatch.setattr(ds_mod, "_load_generate_masks", lambda: _ball_masks)
-    ds = SliceDataset(cases, _cfg(extra_masks_per_volume=2))
+def test_extra_generated_masks_add_pairs_with_the_real_generator(tmp_path):
+    # 4 mm voxels: the generator's 5-200 cm³ are 78-3125 voxels, room enough in a 48x48x20 brain.
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    for i, case_id in enumerate(("case-a", "case-b")):
+        synth.write_case(tmp_path, case_id, seed=i + 1, radius=3, affine=affine)
+    ds = SliceDataset(tmp_path, _cfg(extra_masks_per_volume=2), seed=3)
     assert [(u.case_index, u.k) for u in ds.units] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
-    unit_index = 1  # case-a, first generated mask
-    expected = _ball_masks(synth.make_brain(seed=1).round() != 0, 1, 0, np.zeros(synth.SMALL_SHAPE, bool))[0]
-    assert list(ds.units[unit_index].z_slices) == list(np.flatnonzero(expected.any(axis=(0, 1))))
-    z = ds.units[unit_index].z_slices[0]
-    sample = ds.sample((unit_index, z), random.Random(0), augment=False)
-    np.testing.assert_array_equal(sample["cond"][1].numpy(), expected[:, :, z])
-    assert np.all(sample["cond"][0].numpy()[expected[:, :, z]] == 0)
+
+    healthy = synth.make_mask(radius=3).astype(bool)
+    brain = synth.make_brain(seed=1).round() != 0
+    again = masks.generate_masks(
+        brain | healthy, 2, seed=ds_mod._stable_seed(3, "case-a"), avoid=healthy, voxel_volume_mm3=64.0
+    )
+    for k, expected in enumerate(again, start=1):
+        assert expected.any() and not (expected & healthy).any() and (expected & brain).sum() == expected.sum()
+        assert list(ds.units[k].z_slices) == list(np.flatnonzero(expected.any(axis=(0, 1))))
+        z = ds.units[k].z_slices[len(ds.units[k].z_slices) // 2]
+        sample = ds.sample((k, z), random.Random(0), augment=False)
+        np.testing.assert_array_equal(sample["cond"][1].numpy(), expected[:, :, z])
+        assert np.all(sample["cond"][0].numpy()[expected[:, :, z]] == 0)
+    assert not np.array_equal(again[0], again[1])
 
 
-def test_missing_mask_generator_is_skipped_with_a_warning(cases, monkeypatch):
-    monkeypatch.setattr(ds_mod, "_load_generate_masks", lambda: None)
+def test_a_brain_without_room_for_extra_masks_keeps_its_healthy_mask(cases):
     messages = []
-    ds = SliceDataset(cases, _cfg(extra_masks_per_volume=3), log=messages.append)
-    assert len(ds.units) == 2 and "brainpaint.masks is unavailable" in messages[0]
+    ds = SliceDataset(cases, _cfg(extra_masks_per_volume=1), log=messages.append)  # 1 mm: 5 cm³ do not fit
+    assert [(u.case_index, u.k) for u in ds.units] == [(0, 0), (1, 0)]
+    assert len(messages) == 2 and all("no extra masks" in m for m in messages)

@@ -106,6 +106,32 @@ def test_ensemble_mean_and_std(weights, case_data):
     np.testing.assert_array_equal(pred.volume[~mask], case_data.voided[~mask])
 
 
+def test_ensemble_is_the_mean_of_its_members_and_its_std_their_spread(weights, case_data, monkeypatch):
+    inpainter = make(weights, ensemble=3, smoothing_sigma=0)
+    zs, vin, box, cond = inpainter.conditioning(case_data)
+    assert box == (slice(0, 48), slice(0, 48))  # whole 48x48 slices: network pixels are grid voxels
+    rng = np.random.default_rng(0)
+    drawn = [rng.uniform(-1.2, 1.2, (len(zs), 48, 48)).astype(np.float32) for _ in range(3)]
+    calls = []
+
+    def sample_slices(cond_, seed, member):
+        calls.append((seed, member))
+        return drawn[member]
+
+    monkeypatch.setattr(inpainter, "sample_slices", sample_slices)
+    pred = inpainter(case_data, seed=3)
+    assert calls == [(3, 0), (3, 1), (3, 2)]
+    mask = case_data.mask
+    # Each member's fill in [0, 1] (prior "none": image = (x0 + 1) / 2, clipped), at the mask voxels.
+    members = np.stack([
+        np.concatenate([np.clip((x[i] + 1) / 2, 0, 1)[mask[:, :, z]] for i, z in enumerate(zs)]) for x in drawn
+    ])
+    order = np.concatenate([np.flatnonzero(mask[:, :, z].ravel()) * mask.shape[2] + z for z in zs])
+    members = members[:, np.argsort(order)]  # slice by slice -> the volume's C order
+    np.testing.assert_allclose(pred.volume[mask], vin.imap.denormalize(members.mean(axis=0)), rtol=1e-6)
+    np.testing.assert_allclose(pred.std[mask], members.std(axis=0) * (vin.imap.hi - vin.imap.lo), rtol=1e-5, atol=1e-4)
+
+
 def test_temperature_zero_is_one_deterministic_fill_whatever_the_seed(weights, case_data):
     cold = make(weights, temperature=0.0)
     a, b = cold(case_data, seed=1).volume, cold(case_data, seed=2).volume
@@ -123,10 +149,29 @@ def test_batching_does_not_change_independent_slices(weights, case_data):
     np.testing.assert_allclose(one_batch, per_slice, atol=1e-3)
 
 
-def test_ddpm_repaint_and_correlated_noise_run(weights, case_data):
-    pred = make(weights, sampler="ddpm", steps=5, repaint=True, noise_correlation=0.5, eta=1.0)(case_data, seed=1)
+def test_ddpm_repaint_and_correlated_noise_reach_the_sampler(weights, case_data, monkeypatch):
+    """The sampler gets the known region (voided slice in diffusion space, outside the mask) and
+    noise with the asked correlation across slices; its x_t mixing is tested in test_diffusion."""
+    inpainter = make(weights, sampler="ddpm", steps=5, repaint=True, noise_correlation=0.5, eta=1.0, batch_slices=0)
+    real_sample, seen = inpainter.diffusion.sample, []
+
+    def spy(model, cond, **kwargs):
+        seen.append((cond, kwargs))
+        return real_sample(model, cond, **kwargs)
+
+    monkeypatch.setattr(inpainter.diffusion, "sample", spy)
+    pred = inpainter(case_data, seed=1)
     assert np.isfinite(pred.volume).all()
     np.testing.assert_array_equal(pred.volume[~case_data.mask], case_data.voided[~case_data.mask])
+    (cond, kwargs), = seen
+    assert kwargs["sampler"] == "ddpm" and kwargs["steps"] == 5
+    torch.testing.assert_close(kwargs["known"], 2 * cond[:, 0:1] - 1, rtol=0, atol=0)  # prior "none"
+    torch.testing.assert_close(kwargs["known_mask"], 1 - cond[:, 1:2], rtol=0, atol=0)
+    draws = kwargs["noise_fn"]((len(cond), 1, 64, 64), torch.Generator().manual_seed(0)).reshape(len(cond), -1)
+    off_diagonal = torch.corrcoef(draws)[~torch.eye(len(cond), dtype=torch.bool)]
+    assert (off_diagonal - 0.5).abs().max() < 0.1
+    without = make(weights, sampler="ddpm", steps=5, noise_correlation=0.5, eta=1.0)(case_data, seed=1)
+    assert not np.array_equal(without.volume[case_data.mask], pred.volume[case_data.mask])
 
 
 def test_padding_small_grid_and_crop_models(tmp_path, case_data):

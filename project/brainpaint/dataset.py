@@ -23,13 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .brats_io import CaseError, discover_cases, load_case
+from .errors import MaskPlacementError
 from .geometry import crop, full_slice_box
+from .harmonic import harmonic_fill
 from .intensity import IntensityMap
+from .masks import generate_masks
 
 # --------------------------------------------------------------------------- shared with inference
 @dataclass
@@ -53,8 +57,6 @@ def volume_inputs(voided: np.ndarray, mask: np.ndarray, data_cfg) -> VolumeInput
     voided = np.asarray(voided, dtype=np.float32)
     imap = IntensityMap.fit(voided)
     if data_cfg.prior == "harmonic" and mask.any():
-        from .harmonic import harmonic_fill
-
         b = imap.normalize(harmonic_fill(voided, mask))
     else:
         b = imap.normalize(voided)
@@ -136,8 +138,6 @@ def _stable_seed(*parts) -> int:
 
 def _read_mask_slices(case) -> np.ndarray:
     """Axial indices where mask-healthy is non-empty, reading only that (small) file."""
-    import nibabel as nib
-
     path = case.files.get("mask_healthy")
     if path is None:
         raise CaseError(case.id, "no mask-healthy file (needed for training)")
@@ -150,21 +150,13 @@ def _read_mask_slices(case) -> np.ndarray:
     return np.flatnonzero(mask.reshape(-1, mask.shape[2]).any(axis=0))
 
 
-def _load_generate_masks():
-    """brainpaint.masks.generate_masks, or None when that module is unavailable."""
-    try:
-        from .masks import generate_masks
-    except ImportError:
-        return None
-    return generate_masks
-
-
 class SliceDataset(Dataset):
     """Training pairs (x0 [1,H,W], cond [C,H,W]) from BraTS-layout cases with labels.
 
     A pair is (case, mask k, z) for every axial slice z where the mask is non-empty; mask 0
     is the case's mask-healthy, masks 1..n are `data.extra_masks_per_volume` generated
-    healthy masks (brainpaint.masks, optional: skipped with a warning when unavailable).
+    healthy masks (`masks.generate_masks`, sized in cm³ with the case's voxel spacing; a brain
+    with no room for them keeps its mask-healthy alone, with a warning).
     Cases that cannot be used are collected in `.errors` (one-line CaseErrors) and skipped.
 
     Decoded units live in an LRU cache of `data.cache_volumes` entries per process/worker;
@@ -184,10 +176,6 @@ class SliceDataset(Dataset):
         self.errors = list(self.errors)
 
         n_extra = cfg.data.extra_masks_per_volume
-        generate = _load_generate_masks() if n_extra > 0 else None
-        if n_extra > 0 and generate is None:
-            log("warning: brainpaint.masks is unavailable; training without extra generated masks")
-            n_extra = 0
         # Generated masks are kept as (bounding-box offset, cropped bool array): a few hundred KB each.
         self._extra: dict[tuple[int, int], tuple[tuple[int, int, int], np.ndarray]] = {}
         self.units: list[_Unit] = []
@@ -204,12 +192,12 @@ class SliceDataset(Dataset):
                 units.append(_Unit(ci, 0, tuple(int(z) for z in z_healthy)))
             if n_extra:
                 try:
-                    units += self._generate_extra(case, ci, n_extra, generate)
+                    units += self._generate_extra(case, ci, n_extra)
                 except CaseError as exc:
                     self.errors.append(exc)
                     continue
-                except Exception as exc:  # e.g. no room for a mask in a small brain: keep mask-healthy
-                    log(f"warning: {case.id}: no extra masks ({type(exc).__name__}: {exc})")
+                except MaskPlacementError as exc:  # no room for a mask in a small brain: keep mask-healthy
+                    log(f"warning: {case.id}: no extra masks ({exc})")
             usable.append(case)
             self.units += units
         self.cases = usable
@@ -220,12 +208,13 @@ class SliceDataset(Dataset):
         self._rng = random.Random(seed)
 
     # ------------------------------------------------------------------ index
-    def _generate_extra(self, case, ci: int, n: int, generate) -> list[_Unit]:
+    def _generate_extra(self, case, ci: int, n: int) -> list[_Unit]:
         data = load_case(case, labels=True)
         # Keep clear of the tumour and of the case's own healthy mask; brain = non-zero tissue.
         avoid = np.asarray(data.mask, bool) | np.asarray(data.mask_healthy, bool)
         brain = (np.asarray(data.t1n) != 0) | avoid
-        masks = generate(brain, n, seed=_stable_seed(self.seed, case.id), avoid=avoid)
+        voxel = float(np.prod(data.header.get_zooms()[:3]))
+        masks = generate_masks(brain, n, seed=_stable_seed(self.seed, case.id), avoid=avoid, voxel_volume_mm3=voxel)
         units = []
         for k, mask in enumerate(masks, start=1):
             mask = np.asarray(mask, bool)
