@@ -36,7 +36,7 @@ import numpy as np
 from .atomic import temp_owner
 from .brats_io import CaseData, CaseError, cast_to_dtype, discover_cases, load_case, prediction_name, warn, write_nifti_atomic
 from .config import Config
-from .errors import BatchSetupError
+from .errors import BatchSetupError, one_line
 from .predictors import Prediction, Predictor, make_predictor
 from .report import write_qa_report
 
@@ -142,11 +142,7 @@ def _write_reports(data: CaseData, output: np.ndarray, prediction: Prediction, r
             write_nifti_atomic(prediction.std, data.header, data.affine, report_dir / f"{data.id}-std.nii.gz", np.float32)
         write_qa_report(data, output, report_dir / f"{data.id}-qa.png")
     except Exception as exc:
-        warn(f"{data.id}: report not written: {type(exc).__name__}: {' '.join(str(exc).split())}")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+        warn(f"{data.id}: report not written: {type(exc).__name__}: {one_line(exc)}")
 
 
 def print_summary(rows: list[tuple[str, str, float, int]], stream=None) -> None:
@@ -177,25 +173,10 @@ def run_infer(
     `make_predictor(cfg)` (tests, custom methods)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     try:
-        if shard is None:
-            shard = shard_from_environment()
-        shard_ix = parse_shard(shard)
-        cases, errors = discover_cases(data_dir, labels=False)
-        check_output_dir(out_dir)
-        if report_dir is not None and Path(report_dir).resolve() == out_dir.resolve():
-            raise BatchSetupError("the report folder must differ from the output folder (predictions only there)")
+        entries = _entries(data_dir, out_dir, shard, report_dir)
     except (BatchSetupError, OSError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-
-    # Bad folders take part in the sharding like good ones, so each is reported by one shard.
-    entries: list[tuple[str, object]] = sorted(
-        [(c.id, c) for c in cases] + [(e.case_id, e) for e in errors], key=lambda item: item[0]
-    )
-    entries = [item for k, item in enumerate(entries) if in_shard(k, shard_ix)]
-    if not entries:
-        print(f"warning: no cases found in {data_dir}" + (f" for shard {shard}" if shard else ""), file=sys.stderr)
-
     rows: list[tuple[str, str, float, int]] = []
     todo = []
     for case_id, item in entries:
@@ -207,34 +188,51 @@ def run_infer(
             rows.append((case_id, "skipped", 0.0, 0))
         else:
             todo.append(item)
-
     if todo and predictor is None:
         try:
             predictor = make_predictor(cfg)
         except Exception as exc:
-            print(f"error: cannot set up infer.method '{cfg.infer.method}': {_one_line(exc)}", file=sys.stderr)
+            print(f"error: cannot set up infer.method '{cfg.infer.method}': {one_line(exc)}", file=sys.stderr)
             rows.extend((case.id, "failed", 0.0, 0) for case in todo)
             todo = []
-
-    for case in todo:
-        start = time.perf_counter()
-        try:
-            data = load_case(case)
-            prediction = predictor(data, case_seed(cfg.infer.seed, case.id))
-            output = compose_output(data, prediction)
-            write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
-            if report_dir is not None:
-                _write_reports(data, output, prediction, Path(report_dir))
-            seconds = time.perf_counter() - start
-            rows.append((case.id, "ok", seconds, int(prediction.slices)))
-            print(f"{case.id}: ok ({seconds:.1f} s)", file=sys.stderr)
-        except CaseError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            rows.append((case.id, "failed", time.perf_counter() - start, 0))
-        except Exception as exc:  # a crash in one case must not stop the others
-            print(f"error: {case.id}: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-            rows.append((case.id, "failed", time.perf_counter() - start, 0))
-
+    rows += [_run_case(case, predictor, cfg.infer.seed, out_dir, report_dir) for case in todo]
     rows.sort(key=lambda r: r[0])
     print_summary(rows)
     return 1 if any(r[1] == "failed" for r in rows) else 0
+
+
+def _entries(data_dir: Path, out_dir: Path, shard: Optional[str], report_dir) -> list[tuple[str, object]]:
+    """(case id, Case or CaseError) of this shard, sorted; BatchSetupError/OSError when the run cannot start."""
+    if shard is None:
+        shard = shard_from_environment()
+    shard_ix = parse_shard(shard)
+    cases, errors = discover_cases(data_dir, labels=False)
+    check_output_dir(out_dir)
+    if report_dir is not None and Path(report_dir).resolve() == out_dir.resolve():
+        raise BatchSetupError("the report folder must differ from the output folder (predictions only there)")
+    # Bad folders take part in the sharding like good ones, so each is reported by one shard.
+    entries = sorted([(c.id, c) for c in cases] + [(e.case_id, e) for e in errors], key=lambda item: item[0])
+    entries = [item for k, item in enumerate(entries) if in_shard(k, shard_ix)]
+    if not entries:
+        print(f"warning: no cases found in {data_dir}" + (f" for shard {shard}" if shard else ""), file=sys.stderr)
+    return entries
+
+
+def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> tuple[str, str, float, int]:
+    """Predict, compose and write one case; its summary row (a failure is one line on stderr)."""
+    start = time.perf_counter()
+    try:
+        data = load_case(case)
+        prediction = predictor(data, case_seed(seed, case.id))
+        output = compose_output(data, prediction)
+        write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
+        if report_dir is not None:
+            _write_reports(data, output, prediction, Path(report_dir))
+        seconds = time.perf_counter() - start
+        print(f"{case.id}: ok ({seconds:.1f} s)", file=sys.stderr)
+        return case.id, "ok", seconds, int(prediction.slices)
+    except CaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a crash in one case must not stop the others
+        print(f"error: {case.id}: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+    return case.id, "failed", time.perf_counter() - start, 0

@@ -305,12 +305,7 @@ class GaussianDiffusion:
           the centre of the distribution; 0 with DDIM (eta = 0) follows the probability-flow
           ODE from x_T = 0, one deterministic estimate near the conditional mean.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{sampler}' (choose {', '.join(SAMPLERS)})")
-        if (known is None) != (known_mask is None):
-            raise ValueError("known and known_mask must be given together")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        _check_sampling(sampler, known, known_mask, temperature)
         spaced = self.respaced(steps)
         solver = SAMPLERS[sampler](spaced, eta=eta)
         draw = _noise_source(noise_fn, generator, cond.device)
@@ -318,8 +313,7 @@ class GaussianDiffusion:
         b, _, h, w = cond.shape
         shape = (b, 1, h, w)
         if known is not None:
-            known = known.to(device=cond.device, dtype=torch.float32)
-            known_mask = known_mask.to(device=cond.device, dtype=torch.float32)
+            known, known_mask = (v.to(device=cond.device, dtype=torch.float32) for v in (known, known_mask))
         amp = torch.autocast(cond.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         x = noise(shape)
         for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc=f"{sampler} sampling", leave=False, disable=not progress):
@@ -331,6 +325,15 @@ class GaussianDiffusion:
             pred = spaced.p_mean_variance_from_output(out, x, t, clip_denoised)
             x = solver.step(pred, x, t, i, noise)
         return x
+
+
+def _check_sampling(sampler: str, known, known_mask, temperature: float) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}' (choose {', '.join(SAMPLERS)})")
+    if (known is None) != (known_mask is None):
+        raise ValueError("known and known_mask must be given together")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
 
 
 def _noise_source(noise_fn: Optional[NoiseFn], generator: Optional[torch.Generator], device) -> Callable:

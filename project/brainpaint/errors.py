@@ -8,8 +8,12 @@ from __future__ import annotations
 
 
 def one_line(text) -> str:
-    """`text` with every run of whitespace (newlines included) turned into one space."""
-    return " ".join(str(text).split())
+    """`text` (or an exception's message) on one line: every run of whitespace becomes one space.
+
+    An exception without a message gives its type name.
+    """
+    line = " ".join(str(text).split())
+    return line or (type(text).__name__ if isinstance(text, BaseException) else line)
 
 
 class ConfigError(ValueError):

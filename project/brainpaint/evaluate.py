@@ -29,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from inpainting import challenge_metrics_2023
 
 from .atomic import write_text
 from .brats_io import CaseError, check_finite, check_geometry, check_mask, discover_cases, open_image, prediction_name
 from .config import Config
+from .errors import one_line
 
 MAIN_METRICS = ("ssim", "psnr", "mse")
 
@@ -70,15 +72,9 @@ def stripe_index(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
     return r_pred / r_gt
 
 
-def _official():
-    from inpainting import challenge_metrics_2023
-
-    return challenge_metrics_2023
-
-
 def score_case(case, pred_path: Path, with_stripes: bool = True) -> dict[str, float]:
     """Official metrics (+ stripe index) for one case; CaseError on any invalid input."""
-    cm = _official()
+    cm = challenge_metrics_2023
     cid = case.id
     v_path, h_path, t_path = case.files["voided"], case.files["mask_healthy"], case.files["t1n"]
     v_img = open_image(cid, v_path)
@@ -140,7 +136,7 @@ def run_evaluate(cfg: Config, pred_dir: str | Path, label_dir: str | Path, out_f
             raise PermissionError(f"cannot write to {out_file.parent}")
         pred_files = {p.name: p for p in pred_dir.iterdir() if not p.name.startswith(".")}
     except OSError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
     failures: dict[str, str] = {e.case_id: e.problem for e in errors}
@@ -156,19 +152,12 @@ def run_evaluate(cfg: Config, pred_dir: str | Path, label_dir: str | Path, out_f
         except CaseError as exc:
             failures[exc.case_id] = exc.problem
         except Exception as exc:
-            failures[case.id] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            failures[case.id] = f"{type(exc).__name__}: {one_line(exc)}"
     for name in sorted(set(pred_files) - expected):
         failures[name] = "extra file in the predictions folder (no label case matches it)"
 
     for key in sorted(failures):
         print(f"error: {key}: {failures[key]}", file=sys.stderr)
-
-    columns = ["case"] + (list(rows[0].keys())[1:] if rows else list(MAIN_METRICS))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)  # floats in full precision (repr)
     stats = summarize(rows)
     summary = {
         "cases_scored": len(rows),
@@ -179,14 +168,24 @@ def run_evaluate(cfg: Config, pred_dir: str | Path, label_dir: str | Path, out_f
         "labels": str(label_dir),
     }
     try:
-        write_text(out_file, buffer.getvalue())
+        write_text(out_file, _csv(rows))
         write_text(summary_file, yaml.safe_dump(summary, sort_keys=False))
     except OSError as exc:
         print(f"error: cannot write {out_file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-
     print(format_summary(stats, len(rows), len(failures)))
     return 1 if failures else 0
+
+
+def _csv(rows: list[dict]) -> str:
+    """The per-case table, floats in full precision (repr)."""
+    columns = ["case"] + (list(rows[0].keys())[1:] if rows else list(MAIN_METRICS))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buffer.getvalue()
 
 
 def format_summary(stats: dict, scored: int, failed: int) -> str:

@@ -255,9 +255,7 @@ class UNet(nn.Module):
         emb_channels = 4 * base_channels
         g = norm_groups
 
-        self.time_embed = nn.Sequential(
-            nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
-        )
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
 
         ch = base_channels
         self.input_blocks = nn.ModuleList([_Step([nn.Conv2d(in_channels, ch, 3, padding=1)])])
@@ -276,13 +274,8 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = _Step(
-            [
-                ResBlock(ch, emb_channels, ch, dropout, g),
-                AttentionBlock(ch, num_heads, g),
-                ResBlock(ch, emb_channels, ch, dropout, g),
-            ]
-        )
+        middle = [ResBlock(ch, emb_channels, ch, dropout, g), AttentionBlock(ch, num_heads, g)]
+        self.middle_block = _Step(middle + [ResBlock(ch, emb_channels, ch, dropout, g)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):

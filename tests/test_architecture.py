@@ -1,0 +1,112 @@
+"""The package's layering, checked on its source with `ast` so it stays as designed.
+
+- no import cycles between the package's modules (function-level imports count too);
+- only the command line imports the training module: inference, batch runs and weights
+  loading never depend on it;
+- every module imports on its own;
+- imports sit at the top of modules (an exception needs a comment saying why);
+- no function is longer than 60 lines, and train.py stays under 300.
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "project" / "brainpaint"
+MAX_FUNCTION_LINES = 60
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
+    """Package modules a `from ... import ...` statement in `module` refers to."""
+    is_package = MODULES[module].name == "__init__.py"
+    base = module.split(".")
+    if node.level:
+        base = base[: len(base) - node.level + (1 if is_package else 0)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    found = [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in MODULES]
+    return found + ([target] if target in MODULES else [])
+
+
+def _imports(module: str) -> set[str]:
+    edges = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.ImportFrom):
+            edges.update(_resolve(module, node))
+        elif isinstance(node, ast.Import):
+            edges.update(alias.name for alias in node.names if alias.name in MODULES)
+    return edges - {module}
+
+
+GRAPH = {module: _imports(module) for module in MODULES}
+
+
+def _reachable(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in GRAPH[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_graph_sees_the_package():
+    assert {"brainpaint.cli", "brainpaint.train", "brainpaint.samplers", "brainpaint.samplers.ddim"} <= set(MODULES)
+    assert "brainpaint.samplers.base" in GRAPH["brainpaint.samplers.ddim"]
+    assert "brainpaint.weights" in GRAPH["brainpaint.predictors"]
+
+
+def test_no_import_cycles():
+    cycles = sorted(m for m in MODULES if m in _reachable(m))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_only_the_command_line_imports_training():
+    importers = sorted(m for m, edges in GRAPH.items() if "brainpaint.train" in edges)
+    assert importers == ["brainpaint.cli"]
+    for user in ("brainpaint.predictors", "brainpaint.batch", "brainpaint.weights", "brainpaint.inference"):
+        assert "brainpaint.train" not in _reachable(user), user
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith("__main__")))
+def test_every_module_imports_on_its_own(module):
+    importlib.import_module(module)
+
+
+def test_imports_are_at_the_top_of_modules():
+    hidden = []
+    for module, path in MODULES.items():
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                        said_why = "#" in lines[inner.lineno - 1] or lines[inner.lineno - 2].strip().startswith("#")
+                        if not said_why:
+                            hidden.append(f"{module}:{inner.lineno}")
+    assert not hidden, f"imports inside functions without a comment saying why: {hidden}"
+
+
+def test_no_function_is_longer_than_60_lines_and_train_stays_small():
+    long = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name} ({length} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+    assert len((PACKAGE / "train.py").read_text().splitlines()) < 300
