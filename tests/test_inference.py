@@ -305,3 +305,18 @@ def test_cli_temperature_and_sampler_options(tmp_path, weights):
     assert bad.exit_code != 0
     assert "infer.temperature must be >= 0, got -1.0" in bad.output
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_parameters_overridden_by_the_weights_are_named_in_one_warning(tmp_path, capsys):
+    weights = write_weights(tmp_path / "h.safetensors", prior="harmonic", context_slices=1)
+    params = {"model": {"preset": "tiny", "context_slices": 0}, "data": {"prior": "harmonic", "flip_prob": 0.1},
+              "infer": {"weights": str(weights), "device": "cpu"}}
+    capsys.readouterr()
+    inpainter = DiffusionInpainter(Config.from_dict(params))
+    assert inpainter.data_cfg.prior == "harmonic" and inpainter.context == 1  # the weights' own settings
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "model.context_slices=1" in warnings[0] and "data.flip_prob" in warnings[0]
+    assert "model.preset" not in warnings[0] and "data.prior" not in warnings[0]  # same values: not overridden
+    DiffusionInpainter(Config.from_dict({"infer": params["infer"]}))  # nothing set: nothing to say
+    assert "warning:" not in capsys.readouterr().err
