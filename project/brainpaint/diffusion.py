@@ -109,8 +109,8 @@ class GaussianDiffusion:
                 raise ValueError("GaussianDiffusion needs a DiffusionConfig or betas")
             betas = make_betas(diff_cfg.beta_schedule, diff_cfg.steps, diff_cfg.beta_start, diff_cfg.beta_end)
         self.cfg = diff_cfg
-        self.learn_sigma = bool(getattr(diff_cfg, "learn_sigma", True))
-        self.lambda_vlb = float(getattr(diff_cfg, "lambda_vlb", 1e-3))
+        self.learn_sigma = diff_cfg.learn_sigma if diff_cfg is not None else True
+        self.lambda_vlb = diff_cfg.lambda_vlb if diff_cfg is not None else 1e-3
 
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or (betas <= 0).any() or (betas > 1).any():
