@@ -33,7 +33,7 @@ import torch
 from brainpaint.batch import compose_output, case_seed
 from brainpaint.brats_io import CaseData, discover_cases, load_case
 from brainpaint.config import Config
-from brainpaint.predictors import DiffusionInpainter
+from brainpaint.predictors.diffusion import DiffusionInpainter
 from brainpaint.weights import resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]

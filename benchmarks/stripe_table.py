@@ -62,7 +62,7 @@ from brainpaint.brats_io import discover_cases
 from brainpaint.config import Config
 from brainpaint.evaluate import run_evaluate, summarize
 from brainpaint.errors import InferenceSetupError
-from brainpaint.predictors import DiffusionInpainter
+from brainpaint.predictors.diffusion import DiffusionInpainter
 from brainpaint.weights import resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]

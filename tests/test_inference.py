@@ -18,7 +18,7 @@ from brainpaint.config import Config
 from brainpaint.errors import ConfigError
 from brainpaint.devices import select_device
 from brainpaint.errors import InferenceSetupError
-from brainpaint.predictors import DiffusionInpainter
+from brainpaint.predictors.diffusion import DiffusionInpainter
 from brainpaint.smoothing import smooth_in_mask
 from brainpaint.weights import resolve_weights
 

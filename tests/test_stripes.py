@@ -19,7 +19,7 @@ from brainpaint.config import Config
 from brainpaint.evaluate import stripe_index
 from brainpaint.errors import ConfigError
 from brainpaint.noise import CorrelatedNoise
-from brainpaint.predictors import DiffusionInpainter
+from brainpaint.predictors.diffusion import DiffusionInpainter
 
 import synth
 

@@ -156,7 +156,7 @@ def test_validation_clips_the_x0_prediction_like_inference(tmp_path, data):
     from test_inference import write_weights
 
     from brainpaint.brats_io import discover_cases, load_case
-    from brainpaint.predictors import DiffusionInpainter
+    from brainpaint.predictors.diffusion import DiffusionInpainter
 
     for prior, bound in (("none", 1.0), ("harmonic", 2.0)):
         cfg = _cfg(data={"prior": prior}, train={"val_slices": 2})

@@ -1,4 +1,9 @@
-"""Command-line interface: a thin layer over the package (`brainpaint --help`)."""
+"""Command-line interface: a thin layer over the package (`brainpaint --help`).
+
+`train`, `evaluate` and `export` import their modules when they run: those load torch (the
+official metrics package does too), which takes seconds, while `--help`, `prepare` and the
+harmonic fill of `infer` need none of it.
+"""
 from __future__ import annotations
 
 import sys
@@ -10,10 +15,7 @@ import typer
 from .batch import run_infer
 from .config import Config
 from .errors import ConfigError
-from .evaluate import run_evaluate
 from .prepare import run_prepare
-from .train import run_train
-from .weights import export_weights
 
 app = typer.Typer(
     add_completion=False,
@@ -80,6 +82,8 @@ def evaluate(
 ) -> None:
     """Score predictions with the official BraTS 2023 inpainting metrics."""
     cfg = _config(parameters_file, {})
+    from .evaluate import run_evaluate  # loads torch: see the module doc
+
     raise typer.Exit(run_evaluate(cfg, predictions, labels, output_file))
 
 
@@ -98,6 +102,8 @@ def train(
     cfg = _config(
         parameters_file, {"train.max_steps": max_steps, "train.max_minutes": max_minutes, "train.device": device}
     )
+    from .train import run_train  # loads torch: see the module doc
+
     raise typer.Exit(run_train(cfg, data_path, output_path, val_dir=val_path, resume=resume))
 
 
@@ -133,6 +139,8 @@ def export(
     output: Path = typer.Argument(..., help="safetensors file to write (EMA weights + config metadata)."),
 ) -> None:
     """Export the EMA weights of a training checkpoint for inference."""
+    from .weights import export_weights  # loads torch: see the module doc
+
     export_weights(checkpoint, output)
 
 

@@ -24,12 +24,12 @@ from typing import Any, ClassVar, Optional
 
 import yaml
 
+from .architecture import PRESETS, resolve_architecture
 from .atomic import write_text
-from .diffusion import BETA_SCHEDULES
 from .errors import ConfigError
 from .samplers import SAMPLERS
-from .unet import PRESETS, resolve_architecture
 
+BETA_SCHEDULES = ("linear", "cosine")
 PRIORS = ("none", "harmonic")
 METHODS = ("diffusion", "harmonic")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -156,7 +156,7 @@ def _device(value: str, key: str) -> str:
 @dataclass
 class ModelConfig(_Section):
     NAME: ClassVar[str] = "model"
-    # Named architecture preset (see brainpaint.unet.PRESETS): "paper", "small", "tiny".
+    # Named architecture preset (see brainpaint.architecture.PRESETS): "paper", "small", "tiny".
     preset: str = setting("small", choices=tuple(PRESETS))
     # Optional overrides of single preset fields (None keeps the preset's value).
     base_channels: Optional[int] = setting(None, ge=1)

@@ -34,12 +34,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import BETA_SCHEDULES
 from .samplers import SAMPLERS
 
 NoiseFn = Callable[[tuple, Optional[torch.Generator]], torch.Tensor]
 
 
-BETA_SCHEDULES = ("linear", "cosine")
 
 
 # --------------------------------------------------------------------------- schedules
@@ -61,7 +61,7 @@ def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta
             [min(1 - f((i + 1) / num_timesteps) / f(i / num_timesteps), 0.999) for i in range(num_timesteps)],
             dtype=np.float64,
         )
-    raise ValueError(f"unknown beta schedule '{schedule}' (choose linear or cosine)")
+    raise ValueError(f"unknown beta schedule '{schedule}' (choose {' or '.join(BETA_SCHEDULES)})")
 
 
 def space_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
@@ -138,9 +138,11 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor, dtype: Union[torch.dtype, str, None] = None) -> torch.Tensor:
         """arr[t] as a tensor broadcastable to ``like`` ([B, 1, 1, ...]), in ``like``'s dtype
-        unless ``dtype`` is given (the schedule itself is float64)."""
+        unless ``dtype`` (a torch dtype or its name, e.g. "float64") is given (the schedule
+        itself is float64)."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         out = torch.as_tensor(arr, device=t.device)[t.long()].to(dtype or like.dtype)
         return out.reshape(-1, *([1] * (like.ndim - 1)))
 

@@ -26,67 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Architecture fields of each preset. `attention_downsample` lists the downsampling factors
-# (1 = full resolution) whose blocks get self attention; `norm_groups` is the GroupNorm group
-# count (reduced to the largest divisor of a layer's channel count when it does not divide it).
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(
-        base_channels=128,
-        channel_mult=(1, 1, 2, 2, 4, 4),
-        num_res_blocks=2,
-        attention_downsample=(16,),
-        num_heads=1,
-        dropout=0.0,
-        norm_groups=32,
-    ),
-    # Narrow at full resolution (where CPU time goes) and wide at depth (where parameters
-    # are cheap): ~3.9 M parameters, ~68 GFLOP per training step of 16 crops of 64x64.
-    "small": dict(
-        base_channels=16,
-        channel_mult=(1, 2, 4, 8),
-        num_res_blocks=2,
-        attention_downsample=(8,),
-        num_heads=4,
-        dropout=0.0,
-        norm_groups=8,
-    ),
-    "tiny": dict(
-        base_channels=16,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_downsample=(2,),
-        num_heads=1,
-        dropout=0.0,
-        norm_groups=8,
-    ),
-}
-
-# ModelConfig fields that override the preset when not None.
-_OVERRIDABLE = ("base_channels", "channel_mult", "num_res_blocks", "attention_downsample", "num_heads", "dropout")
-
-
-def resolve_architecture(model_cfg) -> dict[str, Any]:
-    """The preset named by ``model_cfg.preset`` with the config's non-None overrides applied."""
-    arch = dict(PRESETS[model_cfg.preset])
-    for name in _OVERRIDABLE:
-        value = getattr(model_cfg, name, None)
-        if value is not None:
-            arch[name] = value
-    arch["channel_mult"] = tuple(int(m) for m in arch["channel_mult"])
-    arch["attention_downsample"] = tuple(int(d) for d in arch["attention_downsample"])
-    return arch
-
-
-def network_channels(cfg) -> tuple[int, int]:
-    """(in, out) channels for a full Config.
-
-    In: voided slice b and mask m, then b and m of ``context_slices`` neighbours on each side,
-    then x_t. Out: eps, plus the variance interpolation v when the variance is learned.
-    """
-    in_channels = 2 + 2 * 2 * cfg.model.context_slices + 1
-    out_channels = 2 if cfg.diffusion.learn_sigma else 1
-    return in_channels, out_channels
-
+# The architecture description lives in a torch-free module (the configuration checks it).
+from .architecture import PRESETS, network_channels, resolve_architecture, size_multiple  # noqa: F401
 
 INPUT_CONV = "input_blocks.0.0.weight"  # state-dict key of the first convolution, [C, in, k, k]
 
@@ -104,11 +45,6 @@ def widen_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     out[:, :shared] = weight[:, :shared]
     out[:, -1] = weight[:, -1]
     return out
-
-
-def size_multiple(model_cfg) -> int:
-    """In-plane sizes the U-Net of ``model_cfg`` accepts are multiples of 2**(levels-1)."""
-    return 2 ** (len(resolve_architecture(model_cfg)["channel_mult"]) - 1)
 
 
 def build_unet(model_cfg, in_channels: int, out_channels: int) -> "UNet":

@@ -1,12 +1,13 @@
 """The step interface every sampler implements, and the registry that names them."""
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
-import torch
+if TYPE_CHECKING:  # samplers compute with tensor methods only: importing them loads no torch
+    import torch
 
 # Draws noise of a shape for one reverse step, already scaled by the sampling temperature.
-StepNoise = Callable[[tuple], torch.Tensor]
+StepNoise = Callable[[tuple], "torch.Tensor"]
 
 SAMPLERS: dict[str, type["Sampler"]] = {}
 

@@ -1,9 +1,12 @@
 """Ancestral sampling (Ho et al. 2020) with the model's (learned-range) variance."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .base import Sampler, StepNoise, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register
@@ -13,5 +16,5 @@ class DDPMSampler(Sampler):
     def step(self, pred: dict, x: torch.Tensor, t: torch.Tensor, i: int, noise: StepNoise) -> torch.Tensor:
         x = pred["mean"]
         if i > 0:
-            x = x + torch.exp(0.5 * pred["log_variance"]) * noise(x.shape)
+            x = x + (0.5 * pred["log_variance"]).exp() * noise(x.shape)
         return x

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from .base import Sampler, StepNoise, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def half_log_snr(abar: float) -> float:

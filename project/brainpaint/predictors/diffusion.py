@@ -1,10 +1,8 @@
-"""Predictors: `(case data, seed) -> Prediction`, the harmonic fill and the diffusion model.
+"""The diffusion predictor: a trained network fills the mask of a case, slice by slice.
 
-`make_predictor(cfg)` builds the one `infer.method` asks for; `batch.run_infer` calls it once
-per case. The diffusion predictor is built once per run (weights, network, diffusion) and is
-stateless between cases, so one bad case cannot affect the next.
+`DiffusionInpainter(cfg)` is built once per run (weights, network, diffusion) and is stateless
+between cases, so one bad case cannot affect the next. Per case:
 
-Diffusion, per case:
 1. `dataset.volume_inputs` normalises the voided volume with the metric's own percentile map
    (so the network's [0, 1] is the metric's [0, 1]) and builds the prior-filled `b` channel.
 2. An in-plane box is chosen once per volume (whole slices, or a crop around the mask) so every
@@ -22,47 +20,23 @@ path; `ddim` (or respaced `ddpm`) with few steps is the fast default.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from . import geometry
-from .brats_io import CaseData, warn
-from .config import MODEL_SECTIONS, Config
-from .dataset import clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
-from .devices import select_device
-from .diffusion import GaussianDiffusion
-from .errors import CaseError, InferenceSetupError
-from .harmonic import harmonic_fill
-from .noise import CorrelatedNoise, derive_seed
-from .smoothing import smooth_in_mask
-from .unet import size_multiple
-from .weights import load_model, resolve_weights
-
-
-@dataclass
-class Prediction:
-    volume: np.ndarray  # float32, input intensity scale, full grid; only voxels in the mask are used
-    std: Optional[np.ndarray] = None  # float32 uncertainty map (ensembles), or None
-    slices: int = 0  # number of slices processed
-
-
-Predictor = Callable[[CaseData, int], Prediction]
-
-
-def harmonic_predictor(data: CaseData, seed: int) -> Prediction:
-    """The classical fill (deterministic; `seed` is unused)."""
-    volume = harmonic_fill(data.voided, data.mask)
-    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()))
-
-
-def make_predictor(cfg: Config) -> Predictor:
-    """The predictor of `infer.method`."""
-    if cfg.infer.method == "harmonic":
-        return harmonic_predictor
-    return DiffusionInpainter(cfg)
+from .. import geometry
+from ..brats_io import warn
+from ..config import MODEL_SECTIONS, Config
+from ..dataset import clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
+from ..devices import select_device
+from ..diffusion import GaussianDiffusion
+from ..errors import CaseError, InferenceSetupError
+from ..noise import CorrelatedNoise, derive_seed
+from ..smoothing import smooth_in_mask
+from ..architecture import size_multiple
+from ..weights import load_model, resolve_weights
+from .base import Prediction
 
 
 def _setting(cfg: Config, key: str):
