@@ -28,8 +28,11 @@ from .errors import TrainError
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
-# Data settings that change only how samples are drawn, not what the network computes.
-RESUMABLE_DATA_KEYS = {"flip_prob", "extra_masks_per_volume", "num_workers", "cache_volumes"}
+# Settings that change only how training samples are drawn or weighted, not what the network
+# computes: a run may resume, or start from weights, with other values.
+RESUMABLE_KEYS = {
+    f"data.{k}" for k in ("flip_prob", "extra_masks_per_volume", "num_workers", "cache_volumes", "cache_dir", "gamma_aug", "bias_aug")
+} | {f"diffusion.{k}" for k in ("loss_weighting", "min_snr_gamma", "terminal_fraction")}
 
 
 def cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,11 +69,13 @@ def newest_checkpoint(path: Path) -> Path:
 
 
 def save_checkpoint(
-    out_dir: Path, step: int, model: nn.Module, ema, optimizer, cfg: Config, keep_last: int, rng: Optional[list] = None
+    out_dir: Path, step: int, model: nn.Module, ema, optimizer, cfg: Config, keep_last: int, rng: Optional[list] = None,
+    cpu_seconds: float = 0.0,
 ) -> Path:
     """Write step_XXXXXXXX/ atomically and prune all but the newest `keep_last` checkpoints.
 
     `rng` is the list of every rank's RNG state (`rng_state()`); this process's alone by default.
+    `cpu_seconds` is the run's training CPU time so far (`budget.Budget`).
     """
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -79,10 +84,11 @@ def save_checkpoint(
         return final
     rng = rng or [rng_state()]
     with atomic_folder(final, replace=False) as tmp:
-        meta = {"config": model_config_yaml(cfg), "step": str(step)}
+        meta = {"config": model_config_yaml(cfg), "step": str(step), "cpu_seconds": f"{cpu_seconds:.1f}"}
         save_file(cpu_tensors(model.state_dict()), str(tmp / "model.safetensors"), metadata=meta)
         save_file(cpu_tensors(ema.state), str(tmp / "ema.safetensors"), metadata=meta)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng[0], "rng_ranks": rng, "config": cfg.to_dict()}
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng[0], "rng_ranks": rng, "config": cfg.to_dict(),
+                 "cpu_seconds": float(cpu_seconds)}
         torch.save(state, tmp / "state.pt")
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -149,11 +155,13 @@ def check_same_model(
 ) -> None:
     """Resuming with another network or data transform would silently train something else."""
     current = cfg.to_dict()
+    # Settings newer than the saved file take their defaults (what the file computed).
+    defaults = Config().to_dict()
     for section in MODEL_SECTIONS:
         for key, value in current[section].items():
-            if (section == "data" and key in RESUMABLE_DATA_KEYS) or f"{section}.{key}" in skip:
+            if f"{section}.{key}" in RESUMABLE_KEYS or f"{section}.{key}" in skip:
                 continue
-            old = saved.get(section, {}).get(key)
+            old = (saved.get(section) or {}).get(key, defaults[section][key])
             if old != value and not (isinstance(old, (list, tuple)) and list(old) == list(value or [])):
                 raise TrainError(
                     f"checkpoint {where} was trained with {section}.{key}={old!r}, the parameters say {value!r}; {hint}"

@@ -31,6 +31,9 @@ from .samplers import SAMPLERS
 
 BETA_SCHEDULES = ("linear", "cosine")
 PRIORS = ("none", "harmonic")
+PREDICTIONS = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 METHODS = ("diffusion", "harmonic")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Sections that describe what a weights file computes (recorded in its metadata).
@@ -192,6 +195,16 @@ class DiffusionConfig(_Section):
     beta_end: float = setting(0.02, gt=0)
     learn_sigma: bool = True  # output [eps, v] and train with the hybrid loss
     lambda_vlb: float = setting(1e-3, ge=0)  # weight of the VB term in the hybrid loss (improved DDPM)
+    # What the network's first output channel predicts: "eps" (the noise, the paper), "x0" (the
+    # clean target) or "v" (alpha eps - sigma x0, with alpha^2 = abar and sigma^2 = 1 - abar).
+    prediction: str = setting("eps", choices=PREDICTIONS)
+    # Weight of each training timestep's prediction MSE: "uniform" (the plain MSE of the
+    # prediction type) or "min_snr" (Hang et al. 2023: the x0-space MSE times min(SNR, gamma)).
+    loss_weighting: str = setting("uniform", choices=LOSS_WEIGHTINGS)
+    min_snr_gamma: float = setting(5.0, gt=0)
+    # Share of training samples drawn at the last timestep (pure noise), where the x0 prediction
+    # is the conditional mean that one-step sampling returns; the rest are uniform.
+    terminal_fraction: float = setting(0.0, ge=0, le=1)
 
     def validate(self) -> None:
         if self.beta_schedule == "linear" and max(self.beta_start, self.beta_end) * 1000.0 / self.steps > 1:
@@ -213,8 +226,18 @@ class DataConfig(_Section):
     flip_prob: float = setting(0.5, ge=0, le=1)
     # Extra procedurally generated healthy masks per training brain (0 = only mask-healthy).
     extra_masks_per_volume: int = setting(0, ge=0)
+    # Left-right mirrored conditioning: the other hemisphere, reflected about the midline found
+    # by `geometry.midline_shift`, as two extra input channels (mirrored b and mirrored mask).
+    mirror: bool = False
+    # Intensity augmentation of training slices: std of log(gamma) of a random gamma curve, and
+    # the amplitude of a smooth random multiplicative (bias) field; 0 disables either.
+    gamma_aug: float = setting(0.0, ge=0)
+    bias_aug: float = setting(0.0, ge=0)
     num_workers: int = setting(0, ge=0)
     cache_volumes: int = setting(16, ge=1)  # decoded volumes kept per loader worker
+    # Folder for the harmonic fills and midlines of training volumes, computed once and reused
+    # by every run and resume (None: computed at every decode). Not part of a weights file.
+    cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -228,6 +251,15 @@ class TrainConfig(_Section):
     grad_clip: Optional[float] = setting(1.0, ge=0)  # 0 or null: no clipping
     max_steps: int = setting(100_000, ge=0)
     max_minutes: Optional[float] = setting(None, ge=0)  # stop (with a checkpoint) after this wall time
+    # Stop after this much CPU time of the training process (all threads; counted across resumes).
+    max_cpu_minutes: Optional[float] = setting(None, gt=0)
+    # Learning-rate schedule over the run's budget (the larger share used of max_steps and
+    # max_cpu_minutes): "constant", "linear" (decay to 0) or "cosine"; after `warmup_steps`
+    # steps of linear warm-up.
+    lr_schedule: str = setting("constant", choices=LR_SCHEDULES)
+    warmup_steps: int = setting(0, ge=0)
+    # Also write the EMA weights to exports/step_XXXXXXXX.safetensors every N steps (0: never).
+    export_every: int = setting(0, ge=0)
     save_every: int = setting(1000, ge=1)
     keep_last: int = setting(3, ge=1)
     log_every: int = setting(50, ge=1)
@@ -257,6 +289,9 @@ class InferConfig(_Section):
     ensemble: int = setting(1, ge=1)  # samples averaged per case
     batch_slices: int = setting(16, ge=0)  # slices per network batch; 0 = all masked slices of a volume at once
     crop_margin: int = setting(16, ge=0)  # voxels around the mask kept in the in-plane crop (crop models)
+    # Crop models: cover the mask with windows of exactly the training crop size, blended where
+    # they overlap (True), or use one box grown to hold the whole mask (False).
+    tile: bool = False
     smoothing_sigma: float = setting(1.075, ge=0)  # 0 disables the Gaussian post-filter
     # Voxels of known tissue around the mask that the post-filter reads (None = all of it; smoothing.py).
     smoothing_border: Optional[int] = setting(None, ge=0)
@@ -383,4 +418,5 @@ def model_config_yaml(cfg: Config) -> str:
         if key in arch:
             value = arch[key]
             data["model"][key] = list(value) if isinstance(value, tuple) else value
+    data["data"].pop("cache_dir", None)  # where a training run kept its cache, not what it computes
     return yaml.safe_dump({k: data[k] for k in MODEL_SECTIONS}, sort_keys=False)

@@ -4,9 +4,13 @@ Follows Ho et al. (2020) and Nichol & Dhariwal (2021, "improved DDPM"):
 
 - forward process ``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` with a linear (or
   cosine) beta schedule, T = 1000 by default;
-- the network predicts the noise eps and, with ``learn_sigma``, a value ``v`` in [-1, 1] that
-  interpolates the log variance between the posterior variance ``beta~_t`` and ``beta_t``;
-- hybrid loss ``L = L_simple + lambda * L_vlb``. ``L_simple`` is the MSE on eps; the VB term
+- the network's first output channel predicts the noise eps (the paper), the clean x0 or
+  the velocity v = alpha eps - sigma x0 (``diffusion.prediction``; x0 and v are well
+  conditioned at high noise, where one network call from pure noise returns the conditional
+  mean); with ``learn_sigma`` a second channel in [-1, 1] interpolates the log variance
+  between the posterior variance ``beta~_t`` and ``beta_t``;
+- hybrid loss ``L = L_simple + lambda * L_vlb``. ``L_simple`` is the MSE of the prediction
+  (optionally min-SNR weighted; timesteps uniform, optionally with extra mass at T - 1); the VB term
   is the KL between the true posterior and the model's reverse step, in bits per dimension,
   with the model mean detached so the VB term only trains the variance. ``L_vlb`` is
   estimated from the single uniformly drawn t as ``T * L_t``, so the VB term added to the
@@ -111,6 +115,10 @@ class GaussianDiffusion:
         self.cfg = diff_cfg
         self.learn_sigma = diff_cfg.learn_sigma if diff_cfg is not None else True
         self.lambda_vlb = diff_cfg.lambda_vlb if diff_cfg is not None else 1e-3
+        self.prediction = diff_cfg.prediction if diff_cfg is not None else "eps"
+        self.loss_weighting = diff_cfg.loss_weighting if diff_cfg is not None else "uniform"
+        self.min_snr_gamma = diff_cfg.min_snr_gamma if diff_cfg is not None else 5.0
+        self.terminal_fraction = diff_cfg.terminal_fraction if diff_cfg is not None else 0.0
 
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or (betas <= 0).any() or (betas > 1).any():
@@ -187,6 +195,51 @@ class GaussianDiffusion:
             self.sqrt_recipm1_alphas_cumprod, t, xt
         )
 
+    def x0_from_prediction(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate held by a prediction of type ``self.prediction``."""
+        if self.prediction == "x0":
+            return pred
+        if self.prediction == "v":  # x0 = alpha x_t - sigma v
+            return self.extract(self.sqrt_alphas_cumprod, t, xt) * xt - self.extract(
+                self.sqrt_one_minus_alphas_cumprod, t, xt
+            ) * pred
+        return self.predict_x0_from_eps(xt, t, pred)
+
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network should output for ``x_t = q_sample(x0, t, noise)``."""
+        if self.prediction == "x0":
+            return x0
+        if self.prediction == "v":  # v = alpha eps - sigma x0
+            return self.extract(self.sqrt_alphas_cumprod, t, x0) * noise - self.extract(
+                self.sqrt_one_minus_alphas_cumprod, t, x0
+            ) * x0
+        return noise
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight of the prediction MSE: ones for "uniform".
+
+        "min_snr" weights the x0-space MSE by min(SNR, gamma), written in the prediction's own
+        space: the eps-MSE is SNR times the x0-MSE and the v-MSE (SNR + 1) times it.
+        """
+        if self.loss_weighting == "uniform":
+            return torch.ones(t.shape, device=t.device)
+        abar = torch.as_tensor(self.alphas_cumprod, device=t.device)[t.long()]
+        snr = abar / (1.0 - abar)
+        weight = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction == "eps":
+            weight = weight / snr
+        elif self.prediction == "v":
+            weight = weight / (snr + 1.0)
+        return weight.float()
+
+    def sample_timesteps(self, n: int, device) -> torch.Tensor:
+        """Uniform training timesteps, a ``terminal_fraction`` share of them replaced by T - 1."""
+        t = torch.randint(0, self.num_timesteps, (n,), device=device)
+        if self.terminal_fraction > 0:
+            terminal = torch.rand(n, device=device) < self.terminal_fraction
+            t = torch.where(terminal, torch.full_like(t, self.num_timesteps - 1), t)
+        return t
+
     # ------------------------------------------------------------------ reverse process
     def _split_output(self, out: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         expected = 2 * xt.shape[1] if self.learn_sigma else xt.shape[1]
@@ -205,7 +258,7 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Reverse-step mean, log variance, predicted x0 and eps from the raw network output."""
         out = out.float()
-        eps, v = self._split_output(out, xt)
+        raw, v = self._split_output(out, xt)
         if v is not None:
             # Learned range: v in [-1, 1] interpolates log beta~_t (v=-1) and log beta_t (v=+1).
             min_log = self.extract(self.posterior_log_variance_clipped, t, xt)
@@ -215,11 +268,12 @@ class GaussianDiffusion:
         else:
             # Fixed variance: the posterior variance beta~_t (clipped at t=0).
             log_var = self.extract(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
-        x0 = self.predict_x0_from_eps(xt, t, eps)
-        if clip_denoised is not False and clip_denoised is not None:
+        x0 = self.x0_from_prediction(raw, xt, t)
+        clipped = clip_denoised is not False and clip_denoised is not None
+        if clipped:
             bound = 1.0 if clip_denoised is True else float(clip_denoised)
             x0 = x0.clamp(-bound, bound)
-            eps = self.predict_eps_from_x0(xt, t, x0)
+        eps = raw if (self.prediction == "eps" and not clipped) else self.predict_eps_from_x0(xt, t, x0)
         mean, _, _ = self.q_posterior_mean_variance(x0, xt, t)
         return {"mean": mean, "log_variance": log_var, "pred_x0": x0, "eps": eps}
 
@@ -238,20 +292,21 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Hybrid loss for one batch: dict(loss, mse, vb) of scalar batch means.
 
-        ``t`` defaults to uniform timesteps, ``noise`` to standard normal noise.
+        ``t`` defaults to `sample_timesteps`, ``noise`` to standard normal noise. ``mse`` is the
+        (weighted) MSE of the prediction type: on eps, x0 or v.
         """
         b = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (b,), device=x0.device)
+            t = self.sample_timesteps(b, x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
         out = self._model_output(model, cond, xt, t).float()
-        eps, v = self._split_output(out, xt)
-        mse = _mean_flat((noise - eps) ** 2)
+        pred, v = self._split_output(out, xt)
+        mse = _mean_flat((self.prediction_target(x0, noise, t) - pred) ** 2) * self.loss_weights(t)
         if v is not None:
             # Detach the mean: the VB term only shapes the variance (improved DDPM).
-            frozen = torch.cat([eps.detach(), v], dim=1)
+            frozen = torch.cat([pred.detach(), v], dim=1)
             vb = self._vb_bits(frozen, x0, xt, t) * (self.lambda_vlb * self.num_timesteps)
         else:
             vb = torch.zeros_like(mse)
