@@ -61,10 +61,11 @@ def resolve_architecture(model_cfg) -> dict[str, Any]:
 def network_channels(cfg) -> tuple[int, int]:
     """(in, out) channels for a full Config.
 
-    In: voided slice b and mask m, then b and m of ``context_slices`` neighbours on each side,
-    then x_t. Out: eps, plus the variance interpolation v when the variance is learned.
+    In: voided slice b and mask m, their mirror images with ``data.mirror``, then b and m of
+    ``context_slices`` neighbours on each side, then x_t. Out: the prediction (eps, x0 or v),
+    plus the variance interpolation when the variance is learned.
     """
-    in_channels = 2 + 2 * 2 * cfg.model.context_slices + 1
+    in_channels = 2 + 2 * cfg.data.mirror + 2 * 2 * cfg.model.context_slices + 1
     out_channels = 2 if cfg.diffusion.learn_sigma else 1
     return in_channels, out_channels
 

@@ -16,6 +16,7 @@ volume-group by volume-group so that the cache is hit, never thrashed.
 from __future__ import annotations
 
 import math
+import os
 import random
 import zlib
 from collections import OrderedDict
@@ -26,11 +27,12 @@ from typing import Iterator, Optional
 import nibabel as nib
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .brats_io import CaseError, discover_cases, load_case
+from .distributed import ignore_stop_signals
 from .errors import MaskPlacementError
-from .geometry import crop, full_slice_box
+from .geometry import crop, full_slice_box, midline_shift, mirror_x
 from .harmonic import harmonic_fill
 from .intensity import IntensityMap
 from .masks import generate_masks
@@ -38,30 +40,66 @@ from .masks import generate_masks
 # --------------------------------------------------------------------------- shared with inference
 @dataclass
 class VolumeInputs:
-    """Network-scale inputs of one (volume, mask): `b` and `mask` are float32 [X, Y, Z]."""
+    """Network-scale inputs of one (volume, mask): `b` and `mask` are [X, Y, Z] (float32 or,
+    in the training cache, a byte mask); `mirror_shift` is the midline of the mirrored channels
+    (`geometry.mirror_x`), None without `data.mirror`."""
 
     imap: IntensityMap
     b: np.ndarray
     mask: np.ndarray
+    mirror_shift: Optional[int] = None
+
+    def z_range(self, z0: int, z1: int) -> "VolumeInputs":
+        """The same inputs restricted to slices z0 .. z1 - 1."""
+        cut = lambda a: np.ascontiguousarray(a[:, :, z0:z1])  # noqa: E731
+        return VolumeInputs(self.imap, cut(self.b), cut(self.mask), self.mirror_shift)
 
 
-def volume_inputs(voided: np.ndarray, mask: np.ndarray, data_cfg) -> VolumeInputs:
+@dataclass
+class PriorCache:
+    """What `volume_inputs` would compute expensively: the harmonic fill at the mask voxels
+    (input scale) and the midline shift. Either may be None (then it is computed)."""
+
+    fill: Optional[np.ndarray] = None
+    shift: Optional[int] = None
+
+
+def volume_inputs(voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optional[PriorCache] = None) -> VolumeInputs:
     """Normalise a voided volume and build the conditioning volume `b`.
 
     The intensity map is fitted on the voided volume exactly as the official metric does,
     so [0, 1] here is the metric's scale. With `prior="harmonic"` the region inside the mask
     holds the 3D harmonic fill of the surrounding tissue instead of zeros, which turns the
-    network's job into predicting a residual texture rather than the whole region.
+    network's job into predicting a residual texture rather than the whole region. With
+    `data.mirror` the midline is found for the mirrored channels. `known` passes a fill or
+    midline computed before (training caches, repeated scoring of the same case).
     """
+    known = known or PriorCache()
     mask = np.asarray(mask, dtype=bool)
     voided = np.asarray(voided, dtype=np.float32)
     imap = IntensityMap.fit(voided)
     if data_cfg.prior == "harmonic" and mask.any():
-        b = imap.normalize(harmonic_fill(voided, mask))
+        if known.fill is None:
+            filled = harmonic_fill(voided, mask)
+        else:
+            filled = voided.copy()
+            filled[mask] = known.fill
+        b = imap.normalize(filled)
     else:
         b = imap.normalize(voided)
         b[mask] = 0.0
-    return VolumeInputs(imap=imap, b=np.ascontiguousarray(b, dtype=np.float32), mask=mask.astype(np.float32))
+    shift = None
+    if data_cfg.mirror:
+        shift = midline_shift(voided, (voided != 0) & ~mask) if known.shift is None else int(known.shift)
+    return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift)
+
+
+def prior_cache(voided: np.ndarray, mask: np.ndarray) -> PriorCache:
+    """The harmonic fill (at the mask voxels) and midline of a voided volume."""
+    voided = np.asarray(voided, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    fill = harmonic_fill(voided, mask)[mask] if mask.any() else np.zeros(0, np.float32)
+    return PriorCache(fill=fill, shift=midline_shift(voided, (voided != 0) & ~mask))
 
 
 def encode_target(gt_norm, b, prior: str):
@@ -91,10 +129,11 @@ def clip_bound(prior: str) -> float:
 
 
 def slice_conditioning(vin: VolumeInputs, z: int, box, context_slices: int) -> np.ndarray:
-    """Conditioning channels of slice z: [b_z, m_z, b_{z-1}, m_{z-1}, b_{z+1}, m_{z+1}, ...].
+    """Conditioning channels of slice z: [b_z, m_z, (b~_z, m~_z), b_{z-1}, m_{z-1}, b_{z+1}, m_{z+1}, ...].
 
-    Neighbours are ordered by distance (z-1, z+1, z-2, z+2, ...); beyond the volume edge they
-    are zeros. Every channel is cropped to `box`.
+    b~ and m~ are b and m mirrored about the midline (only with `vin.mirror_shift`): the other
+    hemisphere, for the network to compare. Neighbours are ordered by distance (z-1, z+1, z-2,
+    z+2, ...); beyond the volume edge they are zeros. Every channel is cropped to `box`.
     """
     depth = vin.b.shape[2]
     offsets = [0]
@@ -108,7 +147,52 @@ def slice_conditioning(vin: VolumeInputs, z: int, box, context_slices: int) -> n
         else:
             blank = np.zeros((box[0].stop - box[0].start, box[1].stop - box[1].start), np.float32)
             channels += [blank, blank]
+    if vin.mirror_shift is not None:
+        channels[2:2] = [crop(mirror_x(a[:, :, z], vin.mirror_shift), box) for a in (vin.b, vin.mask)]
     return np.stack(channels).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- intensity augmentation
+@dataclass
+class IntensityAugmentation:
+    """One draw of the training intensity augmentation: a gamma and smooth bias fields.
+
+    A field is exp of a quadratic polynomial over the patch (5 coefficients). The target and
+    the slice's own channels share one field; the mirrored channels get their own, since
+    scanner shading is not left-right symmetric.
+    """
+
+    gamma: float = 1.0
+    field: Optional[tuple[float, ...]] = None
+    mirror_field: Optional[tuple[float, ...]] = None
+
+    @classmethod
+    def draw(cls, rng: random.Random, data_cfg) -> "IntensityAugmentation":
+        gamma = math.exp(rng.gauss(0.0, data_cfg.gamma_aug)) if data_cfg.gamma_aug > 0 else 1.0
+        coefficients = lambda: tuple(rng.gauss(0.0, data_cfg.bias_aug) for _ in range(5))  # noqa: E731
+        field = coefficients() if data_cfg.bias_aug > 0 else None
+        mirror_field = coefficients() if (data_cfg.bias_aug > 0 and data_cfg.mirror) else None
+        return cls(gamma, field, mirror_field)
+
+    @staticmethod
+    def _field(coefficients, shape) -> np.ndarray:
+        u = np.linspace(-1.0, 1.0, shape[0], dtype=np.float32)[:, None]
+        v = np.linspace(-1.0, 1.0, shape[1], dtype=np.float32)[None, :]
+        terms = (u, v, u * u, v * v, u * v)
+        return np.exp(sum(np.float32(c) * term for c, term in zip(coefficients, terms))).astype(np.float32)
+
+    def _image(self, image: np.ndarray, coefficients) -> np.ndarray:
+        out = np.power(np.clip(image, 0.0, 1.0), self.gamma) if self.gamma != 1.0 else image
+        if coefficients is not None:
+            out = out * self._field(coefficients, image.shape)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+    def apply(self, cond: np.ndarray, gt: np.ndarray, mirror: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Augmented copies of the conditioning (image channels only, masks untouched) and target."""
+        cond = cond.copy()
+        for c in range(0, cond.shape[0], 2):  # b, (mirrored b), neighbouring b's
+            cond[c] = self._image(cond[c], self.mirror_field if (mirror and c == 2) else self.field)
+        return cond, self._image(gt, self.field)
 
 
 # --------------------------------------------------------------------------- training data
@@ -239,7 +323,7 @@ class SliceDataset(Dataset):
 
     @property
     def channels(self) -> int:
-        return 2 + 4 * self.cfg.model.context_slices
+        return 2 + 2 * self.cfg.data.mirror + 4 * self.cfg.model.context_slices
 
     # ------------------------------------------------------------------ decoding
     def prepared(self, unit_index: int) -> _Prepared:
@@ -265,7 +349,7 @@ class SliceDataset(Dataset):
         else:
             mask = self._extra_mask(unit.case_index, unit.k, t1n.shape)
         voided = np.where(mask, np.float32(0), t1n)
-        vin = volume_inputs(voided, mask, self.cfg.data)
+        vin = volume_inputs(voided, mask, self.cfg.data, self._cached_prior(case.id, unit.k, voided, mask))
         gt = vin.imap.normalize(t1n)
 
         full_box = None
@@ -281,12 +365,29 @@ class SliceDataset(Dataset):
         z1 = min(max(unit.z_slices) + ctx + 1, t1n.shape[2])
         if not unit.z_slices or max(unit.z_slices) >= t1n.shape[2]:
             raise CaseError(case.id, "mask-healthy does not match the image grid")
-        view = VolumeInputs(
-            imap=vin.imap,
-            b=np.ascontiguousarray(vin.b[:, :, z0:z1]),
-            mask=np.ascontiguousarray(vin.mask[:, :, z0:z1]),
-        )
+        view = vin.z_range(z0, z1)
+        view.mask = view.mask.astype(np.uint8)  # 0/1: bytes keep the cache small
         return _Prepared(vin=view, gt=np.ascontiguousarray(gt[:, :, z0:z1], dtype=np.float32), z0=z0, full_box=full_box)
+
+    def _cached_prior(self, case_id: str, k: int, voided: np.ndarray, mask: np.ndarray) -> Optional[PriorCache]:
+        """The unit's harmonic fill and midline from `data.cache_dir` (computed and stored there
+        on first use, keyed by the voided volume and mask); None without a cache folder."""
+        if not self.cfg.data.cache_dir:
+            return None
+        key = zlib.crc32(np.packbits(mask).tobytes()) ^ zlib.crc32(np.ascontiguousarray(voided).tobytes())
+        path = Path(self.cfg.data.cache_dir) / f"{case_id}-{k:03d}-{key:08x}.npz"
+        if path.is_file():
+            try:
+                with np.load(path) as data:
+                    return PriorCache(fill=data["fill"], shift=int(data["shift"]))
+            except (OSError, ValueError, KeyError):  # a damaged entry is computed again
+                pass
+        known = prior_cache(voided, mask)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, fill=known.fill.astype(np.float32), shift=np.int64(known.shift))
+        os.replace(tmp, path)
+        return known
 
     # ------------------------------------------------------------------ samples
     def crop_box(self, mask2d: np.ndarray, rng: random.Random, jitter: bool = True) -> tuple[slice, slice]:
@@ -314,7 +415,10 @@ class SliceDataset(Dataset):
         else:
             box = self.crop_box(entry.vin.mask[:, :, zl] > 0, rng, jitter=augment)
         cond = slice_conditioning(entry.vin, zl, box, self.cfg.model.context_slices)
-        x0 = encode_target(crop(entry.gt[:, :, zl], box), cond[0], self.cfg.data.prior)[None]
+        gt = crop(entry.gt[:, :, zl], box)
+        if augment and (self.cfg.data.gamma_aug > 0 or self.cfg.data.bias_aug > 0):
+            cond, gt = IntensityAugmentation.draw(rng, self.cfg.data).apply(cond, gt, self.cfg.data.mirror)
+        x0 = encode_target(gt, cond[0], self.cfg.data.prior)[None]
         if augment and rng.random() < self.cfg.data.flip_prob:
             # Left-right flip (first volume axis): brains are roughly symmetric, other flips are not.
             cond, x0 = cond[:, ::-1], x0[:, ::-1]
@@ -326,13 +430,15 @@ class SliceDataset(Dataset):
     def skip_sample(self, rng: random.Random, augment: Optional[bool] = None) -> None:
         """Advance `rng` exactly as `sample` does, without decoding anything (to resume a stream).
 
-        `sample` draws, when augmenting, the crop jitter (one draw per axis, crops only) and
-        then the flip; keep the two methods in step.
+        `sample` draws, when augmenting, the crop jitter (one draw per axis, crops only), the
+        intensity augmentation and then the flip; keep the two methods in step.
         """
         if not (self.augment if augment is None else augment):
             return
         for _ in range(2 if self.cfg.data.crop_size is not None else 0):
             rng.random()
+        if self.cfg.data.gamma_aug > 0 or self.cfg.data.bias_aug > 0:
+            IntensityAugmentation.draw(rng, self.cfg.data)
         rng.random()
 
     def __getitem__(self, index: int) -> dict:
@@ -429,3 +535,18 @@ class TrainStream(IterableDataset):
             if produced == 0:
                 raise RuntimeError("every training case assigned to this loader failed to load")
             epoch += 1
+
+
+def train_loader(dataset: SliceDataset, tc, workers: int, dist, step: int, device) -> DataLoader:
+    """The training data stream of this rank, past the batches `step` steps have used."""
+    stream = TrainStream(dataset, seed=tc.seed * 1000003, rank=dist.rank, world_size=dist.world_size, skip=step,
+                         batch_size=tc.batch_size)
+    return DataLoader(
+        stream,
+        batch_size=tc.batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
+    )

@@ -12,7 +12,12 @@ case is rejected with a CaseError instead of silently losing tissue. The window 
 the grid when that keeps everything (the usual 8:232 crop of BraTS), otherwise shifted just
 enough to contain the brain.
 
-`mask_box` chooses a square-ish crop around the mask for crop-based networks.
+`mask_box` chooses a square-ish crop around the mask for crop-based networks; `window_boxes`
+covers the mask with windows of exactly the training crop size instead, and `window_weight`
+blends them where they overlap.
+
+`midline_shift` and `mirror_x` reflect a volume left-right about its own midline, so the
+network can look at the other hemisphere.
 """
 from __future__ import annotations
 
@@ -165,3 +170,78 @@ def paste(patch: np.ndarray, box: Box, out: np.ndarray, where: np.ndarray | None
         inside = np.asarray(where)[grid]
         region[inside] = values[inside]
     return out
+
+
+def window_boxes(mask3d: np.ndarray, size: int, margin: int = 16, overlap: int | None = None) -> list[Box]:
+    """`size` x `size` in-plane windows that together cover the mask (union over z) plus `margin`.
+
+    One window centred on the mask when mask and margin fit in it; otherwise a grid of windows
+    spread evenly over that extent, neighbours overlapping by at least `overlap` voxels
+    (size // 4 by default). Windows may reach past the grid (`crop` reads zeros there), so each
+    has exactly the size the network was trained on. An empty mask gives no window.
+    """
+    extent = _inplane_extent(mask3d)
+    if extent is None:
+        return []
+    overlap = size // 4 if overlap is None else overlap
+    starts = []
+    for start, stop in extent:
+        lo, hi = start - margin, stop + margin
+        if hi - lo <= size:
+            starts.append([int(math.floor((start + stop) / 2.0 - size / 2.0))])
+            continue
+        n = int(math.ceil((hi - lo - size) / max(1, size - overlap))) + 1
+        starts.append([int(v) for v in np.linspace(lo, hi - size, n).round()])
+    return [(slice(x, x + size), slice(y, y + size)) for x in starts[0] for y in starts[1]]
+
+
+def window_weight(size: int) -> np.ndarray:
+    """Blending weight of one window [size, size]: 1 over the middle half, falling linearly to
+    1 / (size / 4) at the edges, so every voxel a window covers has some weight."""
+    ramp = (np.minimum(np.arange(size), np.arange(size)[::-1]) + 1.0) / max(1.0, size / 4.0)
+    ramp = np.minimum(1.0, ramp)
+    return np.outer(ramp, ramp).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- left-right mirror
+MAX_MIDLINE_SHIFT = 24
+
+
+def mirror_x(volume: np.ndarray, shift: int) -> np.ndarray:
+    """Reflect left-right (first axis) about the plane x = (X - 1 - shift) / 2.
+
+    Voxel x of the result holds voxel X - 1 - x - shift of the input; voxels whose source lies
+    off the grid are zero (background). Works on slices [X, Y] and volumes [X, Y, Z].
+    """
+    volume = np.asarray(volume)
+    flipped = volume[::-1]
+    out = np.zeros_like(volume)
+    n = volume.shape[0]
+    if shift >= 0:
+        out[: n - shift] = flipped[shift:]
+    else:
+        out[-shift:] = flipped[: n + shift]
+    return out
+
+
+def midline_shift(volume: np.ndarray, known: np.ndarray, max_shift: int = MAX_MIDLINE_SHIFT) -> int:
+    """The reflection `shift` (see `mirror_x`) under which a volume best matches itself.
+
+    The correlation of the volume with its mirror image is taken over voxels known on both
+    sides (`known`: brain outside the region to fill), on a grid subsampled by 2 in y and z,
+    for every integer shift in [-max_shift, max_shift] (the midline plane to half a voxel).
+    Fewer than 1000 common voxels, or a flat volume, give 0: the grid's centre.
+    """
+    vol = np.asarray(volume, dtype=np.float32)[:, ::2, ::2]
+    known = np.asarray(known, dtype=bool)[:, ::2, ::2]
+    best, best_shift = -np.inf, 0
+    for shift in range(-max_shift, max_shift + 1):
+        both = known & mirror_x(known, shift)
+        if both.sum() < 1000:
+            continue
+        a, b = vol[both], mirror_x(vol, shift)[both]
+        a, b = a - a.mean(), b - b.mean()
+        denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+        if denom > 0 and float((a * b).sum()) / denom > best:
+            best, best_shift = float((a * b).sum()) / denom, shift
+    return best_shift
