@@ -15,6 +15,9 @@ what the uninterrupted one would have. A fresh run (`resume=False`) sets the old
 aside and deletes them only once it has saved its own first one. Under torchrun every rank trains on its own shard of the slices through
 DistributedDataParallel (distributed.py); only rank 0 writes. `train.batch_size` is the batch
 of one rank. AdamW, EMA weights (ema.py), bf16 autocast, torch.compile and channels_last on CUDA.
+A run stops at `train.max_steps`, `train.max_minutes` of wall time or `train.max_cpu_minutes`
+of CPU time (budget.py, which also sets the learning rate); `train.export_every` writes the EMA
+weights to `<out>/exports/step_XXXXXXXX.safetensors` as the run goes (learning curves).
 """
 from __future__ import annotations
 
@@ -29,25 +32,25 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .atomic import write_text
+from .budget import Budget
 from .checkpoints import (
     check_same_model, drop_aside, list_checkpoints, put_back, rng_state, save_checkpoint, seed_all, set_aside,
     set_rng_state,
 )
 from .config import Config, model_config_yaml
-from .dataset import SliceDataset, TrainStream
+from .dataset import SliceDataset, train_loader
 from .devices import select_device
 from .diffusion import GaussianDiffusion
-from .distributed import DistEnv, StopSignal, ignore_stop_signals, weights_digest
+from .distributed import DistEnv, StopSignal, weights_digest
 from .ema import EMA
 from .errors import CaseError, ConfigError, TrainError, one_line
 from .train_log import LOG_NAME, CsvLog, Progress
 from .unet import build_unet, network_channels, size_multiple
 from .validation import Validator, masked_ssim_psnr
-from .weights import WEIGHTS_NAME, export_weights, load_model, warm_start
+from .weights import WEIGHTS_NAME, export_ema, export_weights, load_model, warm_start
 
 # Names tests, benchmarks and scripts import from here.
 __all__ = [
@@ -65,7 +68,7 @@ class Trainer:
         self.val_dir = Path(val_dir) if val_dir else None
         self.resume = resume
         self.dist = dist or DistEnv()
-        self.step = 0
+        self.step, self.cpu_before = 0, 0.0
         self.rng: Optional[dict] = None  # this rank's RNG state of the checkpoint resumed from
         self.aside: Optional[Path] = None  # the previous run's checkpoints, while not yet replaced
 
@@ -130,7 +133,7 @@ class Trainer:
         self.raw.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(self.device)))
         self.ema.load(load_file(str(ckpt / "ema.safetensors"), device=str(self.device)))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
+        self.step, self.cpu_before = int(state["step"]), float(state.get("cpu_seconds", 0.0))
         ranks = state.get("rng_ranks", [state["rng"]])
         if len(ranks) == self.dist.world_size:
             self.rng = ranks[self.dist.rank]  # restored in `start`, once the data loader is built
@@ -156,28 +159,12 @@ class Trainer:
         self.progress = Progress(log, slices_per_step=tc.batch_size * dist.world_size)
         self.validator = Validator(self.val_set, self.cfg, self.device) if dist.is_main and tc.val_every > 0 else None
         self.ema_model = None
-        self.batches = iter(self._loader())
+        self.batches = iter(train_loader(self.dataset, self.tc, self.cfg.data.num_workers, self.dist, self.step, self.device))
         if self.rng is not None:  # after the loader's own draw: the uninterrupted run's state from here
             set_rng_state(self.rng)
+        self.budget = Budget(tc, self.cpu_before)
         self.bar = tqdm(total=tc.max_steps, initial=self.step, disable=not dist.is_main, dynamic_ncols=True,
                         desc="train", file=sys.stderr)
-
-    def _loader(self) -> DataLoader:
-        """The data stream, past the batches the steps so far have used."""
-        stream = TrainStream(
-            self.dataset, seed=self.tc.seed * 1000003, rank=self.dist.rank, world_size=self.dist.world_size,
-            skip=self.step, batch_size=self.tc.batch_size,
-        )
-        workers = self.cfg.data.num_workers
-        return DataLoader(
-            stream,
-            batch_size=self.tc.batch_size,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=ignore_stop_signals if workers > 0 else None,
-        )
 
     def train_step(self, batch: dict) -> None:
         """One optimizer step and EMA update on one batch."""
@@ -188,6 +175,7 @@ class Trainer:
             x0 = x0.contiguous(memory_format=torch.channels_last)
             cond = cond.contiguous(memory_format=torch.channels_last)
         self.model.train()
+        self.budget.set_lr(self.optimizer, self.step)
         amp = self.device.type == "cuda" and tc.bf16
         with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
             terms = self.diffusion.training_losses(self.model, x0, cond)
@@ -210,12 +198,19 @@ class Trainer:
             self.bar.set_postfix(loss=f"{loss:.4f}")
         if self.validator is not None and step % tc.val_every == 0:
             self._validate()
+        if tc.export_every and step % tc.export_every == 0 and self.dist.is_main:
+            self._export_step()
         if step % tc.save_every == 0:
             rng = self.dist.gather(rng_state())
             self.dist.on_main(self.device, "write the checkpoint", lambda: self._save(rng))
 
+    def _export_step(self) -> None:
+        path = self.out_dir / "exports" / f"step_{self.step:08d}.safetensors"
+        export_ema(self.ema, self.cfg, self.step, path, self.budget.cpu_seconds())
+
     def _save(self, rng: list) -> None:
-        save_checkpoint(self.out_dir, self.step, self.raw, self.ema, self.optimizer, self.cfg, self.tc.keep_last, rng)
+        save_checkpoint(self.out_dir, self.step, self.raw, self.ema, self.optimizer, self.cfg, self.tc.keep_last, rng,
+                        self.budget.cpu_seconds())
         drop_aside(self.aside)  # the previous run's checkpoints, now replaced
         self.aside = None
 
@@ -247,9 +242,9 @@ class Trainer:
                 while self.step < self.tc.max_steps:
                     self.train_step(next(self.batches))
                     self.hooks()
-                    timed_out = deadline is not None and time.monotonic() >= deadline
+                    timed_out = (deadline is not None and time.monotonic() >= deadline) or self.budget.cpu_spent()
                     if self.dist.any(stop.requested or timed_out, self.device):
-                        self.say(f"stopping at step {self.step} ({'SIGTERM' if stop.requested else 'max_minutes reached'})")
+                        self.say(f"stopping at step {self.step} ({'SIGTERM' if stop.requested else 'time budget reached'})")
                         break
         finally:
             self.batches = None  # the last reference: loader workers shut down now, not at exit
@@ -271,11 +266,12 @@ class Trainer:
             return 1
         return 0
 
-
     def _write_final(self, digests: list[str], rng: list) -> None:
         out, step = self.out_dir, self.step
         self._save(rng)
         export_weights(out, out / WEIGHTS_NAME)
+        if self.tc.export_every:
+            self._export_step()
         summary = {
             "step": step,
             "world_size": self.dist.world_size,

@@ -59,6 +59,16 @@ def export_weights(checkpoint_or_run_dir, out_file) -> Path:
     return out_file
 
 
+def export_ema(ema, cfg: Config, step: int, out_file, cpu_seconds: float = 0.0) -> Path:
+    """Write a running EMA (`ema.EMA`) as a weights file, like `export_weights` without a checkpoint."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"config": model_config_yaml(cfg), "step": str(step), "cpu_seconds": f"{cpu_seconds:.1f}"}
+    with atomic_write(out_file) as tmp:
+        save_file(cpu_tensors(ema.state), str(tmp), metadata=meta)
+    return out_file
+
+
 def load_model(weights_path, device="cpu") -> tuple[nn.Module, Config]:
     """Rebuild the network from a weights file's metadata and load its (EMA) parameters."""
     weights_path = Path(weights_path)
