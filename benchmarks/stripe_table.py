@@ -123,19 +123,20 @@ class SharedSampleInpainter(DiffusionInpainter):
         self.store = store
         self.charged_s = 0.0
 
-    def sample_slices(self, cond: np.ndarray, seed: int, member: int) -> np.ndarray:
+    def sample_slices(self, cond: np.ndarray, seed: int, member: int, keys=None) -> np.ndarray:
         inf = self.infer
         key = (
+            repr(keys),
             str(self.weights), str(self.device), hashlib.sha1(np.ascontiguousarray(cond).tobytes()).hexdigest(),
             int(seed), int(member), float(inf.noise_correlation), float(inf.temperature), inf.sampler, int(inf.steps), float(inf.eta),
-            bool(inf.repaint), int(inf.batch_slices), bool(inf.bf16),
+            bool(inf.repaint), bool(inf.bf16),
         )
         if key in self.store:
             x0, seconds = self.store[key]
             self.charged_s += seconds
             return x0.copy()
         start = time.perf_counter()
-        x0 = super().sample_slices(cond, seed, member)
+        x0 = super().sample_slices(cond, seed, member, keys)
         self.store[key] = (x0.copy(), time.perf_counter() - start)
         return x0
 

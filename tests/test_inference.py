@@ -29,14 +29,17 @@ torch.set_num_threads(1)
 CASE = "BraTS-GLI-00007-000"
 
 
-def write_weights(path, *, slice_size=48, crop_size=None, prior="none", context_slices=0, seed=0):
+def write_weights(
+    path, *, slice_size=48, crop_size=None, prior="none", context_slices=0, seed=0, mirror=False, prediction="eps"
+):
     """A tiny U-Net with random weights in the shipped weights-file format."""
     from brainpaint.unet import build_unet, network_channels
 
     cfg = Config.from_dict(
         {
             "model": {"preset": "tiny", "context_slices": context_slices},
-            "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior},
+            "diffusion": {"prediction": prediction},
+            "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior, "mirror": mirror},
         }
     )
     torch.manual_seed(seed)
@@ -114,7 +117,7 @@ def test_ensemble_is_the_mean_of_its_members_and_its_std_their_spread(weights, c
     drawn = [rng.uniform(-1.2, 1.2, (len(zs), 48, 48)).astype(np.float32) for _ in range(3)]
     calls = []
 
-    def sample_slices(cond_, seed, member):
+    def sample_slices(cond_, seed, member, keys=None):
         calls.append((seed, member))
         return drawn[member]
 

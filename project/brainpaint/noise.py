@@ -43,3 +43,32 @@ class CorrelatedNoise:
             return a * shared + b * own
 
         return noise_fn
+
+
+class SliceNoise:
+    """Sampling noise drawn slice by slice, so a volume does not depend on how it is batched.
+
+    Every slice draws from its own generator, seeded by (case seed, ensemble member, slice
+    key), the key being e.g. (window, z). With `rho` > 0 (`infer.noise_correlation`) a shared
+    field is mixed in as in `CorrelatedNoise`: one [1, 1, H, W] draw per sampling step from a
+    generator that every batch replays from the same seed.
+    """
+
+    def __init__(self, seed: int, member: int, rho: float, device: torch.device):
+        self.seed, self.member, self.rho, self.device = seed, member, rho, device
+
+    def for_slices(self, keys) -> Callable[[tuple, Optional[torch.Generator]], torch.Tensor]:
+        """The noise function of one batch whose slices have these keys (tuples of ints)."""
+        gens = [torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.member, 0, *k)) for k in keys]
+        shared_gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.member, 1))
+        a, b = math.sqrt(self.rho), math.sqrt(1.0 - self.rho)
+
+        def noise_fn(shape, generator=None) -> torch.Tensor:
+            shape = tuple(shape)
+            shared = torch.randn((1, *shape[1:]), generator=shared_gen, device=self.device) if a > 0 else None
+            if b == 0.0:
+                return shared.expand(shape).clone()
+            own = torch.stack([torch.randn(shape[1:], generator=g, device=self.device) for g in gens])
+            return own if shared is None else a * shared + b * own
+
+        return noise_fn

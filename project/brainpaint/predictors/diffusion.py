@@ -5,11 +5,14 @@ between cases, so one bad case cannot affect the next. Per case:
 
 1. `dataset.volume_inputs` normalises the voided volume with the metric's own percentile map
    (so the network's [0, 1] is the metric's [0, 1]) and builds the prior-filled `b` channel.
-2. An in-plane box is chosen once per volume (whole slices, or a crop around the mask) so every
-   slice of the volume has the same size and they can be stacked into batches.
-3. Every axial slice that contains mask voxels is conditioned and denoised; slices go through
-   the network `infer.batch_slices` at a time (not one by one), under `torch.inference_mode`
-   and, on CUDA, bf16 autocast.
+2. In-plane windows are chosen once per volume, so all slices of a window stack into batches:
+   the whole-slice window of whole-slice models; for crop models either windows of exactly
+   the training crop size covering the mask, blended where they overlap (`infer.tile`), or
+   one box grown around the whole mask.
+3. Every axial slice of a window that contains mask voxels is conditioned and denoised; slices
+   go through the network `infer.batch_slices` at a time (not one by one), under
+   `torch.inference_mode` and, on CUDA, bf16 autocast. Each slice draws its noise from its own
+   seed, so the result does not depend on the batch size.
 4. `infer.ensemble` independent samples are averaged (the challenge metrics reward the
    conditional mean); their standard deviation is returned as an uncertainty map.
 5. An optional Gaussian post-filter smooths the in-mask result, then the volume is mapped back
@@ -28,11 +31,11 @@ import torch
 from .. import geometry
 from ..brats_io import warn
 from ..config import MODEL_SECTIONS, Config
-from ..dataset import clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
+from ..dataset import PriorCache, clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
 from ..devices import select_device
 from ..diffusion import GaussianDiffusion
 from ..errors import CaseError, InferenceSetupError
-from ..noise import CorrelatedNoise, derive_seed
+from ..noise import SliceNoise
 from ..smoothing import smooth_in_mask
 from ..architecture import size_multiple
 from ..weights import load_model, resolve_weights
@@ -85,6 +88,8 @@ class DiffusionInpainter:
         self.data_cfg = self.model_cfg.data
         self.context = self.model_cfg.model.context_slices
         self.multiple = size_multiple(self.model_cfg.model)
+        # Harmonic fills and midlines known in advance, by case id (scoring the same cases again).
+        self.known_priors: dict[str, PriorCache] = {}
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:
@@ -110,23 +115,36 @@ class DiffusionInpainter:
         h, w = geometry.patch_shape(box, size=size, multiple=self.multiple)
         return slice(box[0].start, box[0].start + h), slice(box[1].start, box[1].start + w)
 
+    def windows(self, data) -> list[tuple[tuple[slice, slice], Optional[np.ndarray]]]:
+        """(box, blending weight) of every in-plane window of a case; weight None for a single
+        window that holds the whole mask."""
+        size = self.data_cfg.crop_size
+        if size is None or not self.infer.tile:
+            return [(self.slice_box(data), None)]
+        mask = np.asarray(data.mask, dtype=bool)
+        boxes = geometry.window_boxes(mask, size, margin=self.infer.crop_margin)
+        return [(box, geometry.window_weight(size)) for box in boxes]
+
     # ------------------------------------------------------------------ sampling
     def _autocast_dtype(self) -> Optional[torch.dtype]:
         """bf16 for the network on CUDA (the diffusion arithmetic stays float32); never on CPU."""
         return torch.bfloat16 if self.device.type == "cuda" and self.infer.bf16 else None
 
-    def sample_slices(self, cond: np.ndarray, seed: int, member: int) -> np.ndarray:
-        """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space)."""
+    def sample_slices(self, cond: np.ndarray, seed: int, member: int, keys: Optional[list] = None) -> np.ndarray:
+        """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space).
+
+        `keys` name the slices (tuples of ints, default (index,)): slice i draws its noise
+        from the seed (seed, member, keys[i]), whatever batch it lands in.
+        """
         inf = self.infer
         n = cond.shape[0]
+        keys = keys if keys is not None else [(i,) for i in range(n)]
         batch = inf.batch_slices or n
-        rho = inf.noise_correlation
-        shared = CorrelatedNoise(rho, derive_seed(seed, member, 1), self.device) if rho > 0 else None
+        noise = SliceNoise(seed, member, inf.noise_correlation, self.device)
         prior = self.data_cfg.prior
         out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
-        for index, start in enumerate(range(0, n, batch)):
+        for start in range(0, n, batch):
             chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(self.device)
-            generator = torch.Generator(device=self.device).manual_seed(derive_seed(seed, member, 0, index))
             known = known_mask = None
             if inf.repaint:
                 b, m = chunk[:, 0:1], chunk[:, 1:2]
@@ -138,8 +156,7 @@ class DiffusionInpainter:
                 sampler=inf.sampler,
                 steps=inf.steps,
                 eta=inf.eta,
-                generator=generator,
-                noise_fn=shared.for_batch() if shared is not None else None,
+                noise_fn=noise.for_slices(keys[start : start + batch]),
                 known=known,
                 known_mask=known_mask,
                 clip_denoised=clip_bound(prior),
@@ -150,33 +167,50 @@ class DiffusionInpainter:
         return out
 
     # ------------------------------------------------------------------ one case
-    def conditioning(self, data):
-        """(slice indices, VolumeInputs, box, conditioning [N, C, H, W]) of every masked slice."""
+    def conditioning(self, data, vin=None, box=None):
+        """(slice indices, VolumeInputs, box, conditioning [N, C, H, W]) of the masked slices of
+        one window (`box`, default the single window of `slice_box`)."""
         mask = np.asarray(data.mask, dtype=bool)
-        zs = [int(z) for z in np.flatnonzero(mask.any(axis=(0, 1)))]
-        if not zs:
+        if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
-        vin = volume_inputs(data.voided, mask, self.data_cfg)
-        box = self.slice_box(data)
+        if vin is None:
+            vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id))
+        box = self.slice_box(data) if box is None else box
+        zs = [int(z) for z in np.flatnonzero(geometry.crop(mask, box).any(axis=(0, 1)))]
+        if not zs:  # a window of the grid that holds no mask voxel
+            return zs, vin, box, None
         cond = np.stack([slice_conditioning(vin, z, box, self.context) for z in zs]).astype(np.float32, copy=False)
         return zs, vin, box, cond
+
+    def fill(self, data, vin, seed: int, member: int) -> np.ndarray:
+        """One member's fill of the mask voxels ([0, 1] scale, the volume's C order)."""
+        mask = np.asarray(data.mask, dtype=bool)
+        total = np.zeros(mask.shape, np.float32)
+        weights = np.zeros(mask.shape, np.float32)
+        for w, (box, weight) in enumerate(self.windows(data)):
+            zs, _, _, cond = self.conditioning(data, vin, box)
+            if not zs:
+                continue
+            x0 = self.sample_slices(cond, seed, member, keys=[(w, z) for z in zs])
+            images = decode_sample(x0, cond[:, 0], self.data_cfg.prior)
+            weight = np.ones(images.shape[1:], np.float32) if weight is None else weight
+            for i, z in enumerate(zs):
+                for target, values in ((total, weight * images[i]), (weights, weight)):
+                    plane = geometry.crop(target[:, :, z], box) + values
+                    geometry.paste(plane, box, target[:, :, z], where=mask[:, :, z])
+        return total[mask] / weights[mask]
 
     @torch.inference_mode()
     def __call__(self, data, seed: int) -> Prediction:
         mask = np.asarray(data.mask, dtype=bool)
-        zs, vin, box, cond = self.conditioning(data)
-        b_crops = cond[:, 0]
-
+        if not mask.any():
+            raise CaseError(data.id, "mask is empty: nothing to inpaint")
+        vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id))
         # Normalised volume: known voxels from the voided image; each member fills the mask.
         base = vin.imap.normalize(data.voided)
         members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)
         for k in range(members.shape[0]):
-            x0 = self.sample_slices(cond, seed, k)
-            filled = base.copy()
-            images = decode_sample(x0, b_crops, self.data_cfg.prior)
-            for i, z in enumerate(zs):
-                geometry.paste(np.asarray(images[i], dtype=np.float32), box, filled[:, :, z], where=mask[:, :, z])
-            members[k] = filled[mask]
+            members[k] = self.fill(data, vin, seed, k)
 
         mean = base.copy()
         mean[mask] = members.mean(axis=0)
@@ -187,4 +221,4 @@ class DiffusionInpainter:
         if members.shape[0] > 1:
             std = np.zeros(mask.shape, dtype=np.float32)
             std[mask] = members.std(axis=0) * np.float32(vin.imap.hi - vin.imap.lo)
-        return Prediction(volume=volume, std=std, slices=len(zs))
+        return Prediction(volume=volume, std=std, slices=int(mask.any(axis=(0, 1)).sum()))
