@@ -5,7 +5,9 @@ SSIM, PSNR, MSE (and the package's other outputs) come from the official PyPI pa
 `read_nifti_to_tensor` and scored with its own `generate_metrics`, exactly as its
 `compute_image_quality_metrics` does, so the numbers are the challenge's numbers. Nothing here
 re-derives them. The evaluation region is `<ID>-mask-healthy`; the normalisation image is
-`<ID>-t1n-voided`, both from the labels folder.
+`<ID>-t1n-voided`, both from the labels folder. `generate_metrics` is handed the bounding box
+of the mask (`official_metrics`), which gives the same numbers as the whole volume about 30
+times faster (a test compares both).
 
 On top of that, the stripe index (`cfg.evaluate.stripe_index`) measures slice-to-slice
 artefacts, which slice-wise 2D models are prone to and the official metrics barely see:
@@ -28,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from inpainting import challenge_metrics_2023
 
@@ -37,6 +40,42 @@ from .config import Config
 from .errors import one_line
 
 MAIN_METRICS = ("ssim", "psnr", "mse")
+# torchmetrics' SSIM window is 11 x 11: with more than 5 zero voxels around the mask every
+# window that touches the mask is the one of the whole volume (see `official_metrics`).
+CROP_MARGIN = 12
+
+
+def official_metrics(prediction, target, voided, mask, crop: bool = True) -> dict[str, float]:
+    """`generate_metrics` of one volume ([X, Y, Z] arrays or tensors, input intensity scale).
+
+    The package zeroes everything outside the mask and computes SSIM over the planes of the
+    last two axes (its [1, X, Y, Z] tensor is read as X images of Y x Z) with an 11 x 11 window,
+    so cutting x to the mask's extent and y, z to the mask plus a margin of zeros changes none
+    of its numbers; the percentile window still comes from the whole voided volume, passed as
+    the normalisation tensor. `crop=False` hands it the whole volume.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    region = (slice(None),) * 3
+    if crop and mask.any():
+        idx = np.argwhere(mask)
+        lo, hi = idx.min(0), idx.max(0) + 1
+        region = (slice(int(lo[0]), int(hi[0])),) + tuple(
+            slice(max(int(a) - CROP_MARGIN, 0), min(int(b) + CROP_MARGIN, n)) for a, b, n in zip(lo[1:], hi[1:], mask.shape[1:])
+        )
+
+    def tensor(array, dtype=np.float32):
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(array, dtype=dtype)[region]))[None]
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the package and torchmetrics print diagnostics
+        metrics = challenge_metrics_2023.generate_metrics(
+            prediction=tensor(prediction), target=tensor(target), mask=tensor(mask, bool),
+            normalization_tensor=torch.from_numpy(np.asarray(voided, dtype=np.float32))[None],
+        )
+    # The challenge's headline metrics first, then everything else the package reports.
+    row = {k: float(metrics[k]) for k in MAIN_METRICS}
+    row.update({k: float(v) for k, v in metrics.items() if k not in MAIN_METRICS})
+    return row
 
 
 def stripe_index(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
@@ -94,12 +133,7 @@ def score_case(case, pred_path: Path, with_stripes: bool = True) -> dict[str, fl
     check_finite(cid, v_path.name, voided.numpy())
     check_mask(cid, h_path.name, mask.numpy())
     mask = mask.bool()
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the package and torchmetrics print diagnostics
-        metrics = cm.generate_metrics(prediction=prediction, target=target, normalization_tensor=voided, mask=mask)
-    # The challenge's headline metrics first, then everything else the package reports.
-    row = {k: float(metrics[k]) for k in MAIN_METRICS}
-    row.update({k: float(v) for k, v in metrics.items() if k not in MAIN_METRICS})
+    row = official_metrics(prediction[0].numpy(), target[0].numpy(), voided[0].numpy(), mask[0].numpy())
     if with_stripes:
         row["stripe_index"] = stripe_index(prediction[0].numpy(), target[0].numpy(), mask[0].numpy())
     return row
