@@ -68,7 +68,8 @@ def case_data(tmp_path_factory):
 
 
 def make(weights, **infer):
-    base = {"weights": str(weights), "device": "cpu", "steps": 3, "sampler": "ddim"}
+    # Temperature 1 (not the shipped 0) so that seeds, ensembles and noise settings play their part.
+    base = {"weights": str(weights), "device": "cpu", "steps": 3, "sampler": "ddim", "temperature": 1.0}
     base.update(infer)
     return DiffusionInpainter(Config.from_dict({"infer": base}))
 

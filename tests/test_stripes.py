@@ -81,7 +81,9 @@ def weights(tmp_path_factory):
 
 
 def predict(weights, data, **infer):
-    settings = {"weights": str(weights), "device": "cpu", "sampler": "ddim", "steps": 3, "smoothing_sigma": 0}
+    # Temperature 1 (not the shipped 0): these tests are about how the sampling noise is shared.
+    settings = {"weights": str(weights), "device": "cpu", "sampler": "ddim", "steps": 3, "smoothing_sigma": 0,
+                "temperature": 1.0}
     settings.update(infer)
     return DiffusionInpainter(Config.from_dict({"infer": settings}))(data, seed=7).volume
 
