@@ -32,11 +32,7 @@ import synth  # noqa: E402  (tests/synth.py: synthetic BraTS cases)
 CASE_ID = "BraTS-GLI-00042-000"
 SHAPE = (48, 48, 20)
 # The tiny network works on 32x32 crops around the mask (so a 48x48 grid is large enough).
-MODEL_SECTIONS = {
-    "model": {"preset": "tiny"},
-    "diffusion": {"steps": 1000, "learn_sigma": True},
-    "data": {"crop_size": 32},
-}
+TINY_MODEL = {"crop_size": 32}
 PARAMETERS = {
     "infer": {"method": "diffusion", "sampler": "ddim", "steps": 2, "ensemble": 1, "device": "auto", "seed": 0},
     "evaluate": {"stripe_index": True},
@@ -54,24 +50,9 @@ def _digests(workspace: Path) -> dict[str, str]:
 
 
 def make(workspace: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    from brainpaint.config import Config
-    from brainpaint.unet import build_unet, network_channels
-
     workspace.mkdir(parents=True, exist_ok=True)
     synth.write_case(workspace / "data", CASE_ID, shape=SHAPE, seed=3, labels=True)
-
-    torch.manual_seed(0)
-    cfg = Config.from_dict(MODEL_SECTIONS)
-    model = build_unet(cfg.model, *network_channels(cfg))
-    weights = workspace / "additional_files" / "model.safetensors"
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    config_yaml = yaml.safe_dump({k: cfg.to_dict()[k] for k in MODEL_SECTIONS}, sort_keys=False)
-    save_file(state, str(weights), metadata={"config": config_yaml})
-
+    synth.tiny_weights(workspace / "additional_files" / "model.safetensors", **TINY_MODEL)
     (workspace / "parameters.yaml").write_text(yaml.safe_dump(PARAMETERS, sort_keys=False))
     (workspace / DIGESTS).write_text(json.dumps(_digests(workspace), indent=1))
     print(f"smoke workspace ready: {workspace} (case {CASE_ID}, {SHAPE}, tiny random model)")
