@@ -1,4 +1,6 @@
-# brainpaint MLCube image: `python /opt/brainpaint/mlcube.py <task> --data_path=... ...`.
+# brainpaint image: `python /opt/brainpaint/mlcube.py <task> --data_path=... ...` (MLCube, and the
+# BraTS orchestrator's 2023/2024 calls), or no command at all: inference on /input into /output
+# with the weights the image carries (the orchestrator's 2025 contract). See docs/MLCUBE.md.
 #
 # One recipe for two build paths (see docs/MLCUBE.md):
 #   online (default): CUDA base image, requirements from PyPI; PyPI's torch wheel for Linux x86_64
@@ -46,6 +48,9 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'kernels:', flags 
 sys.exit(0 if not arch or arch in flags.split() else 'torch build lacks ' + arch + ' kernels (TORCH_CUDA_ARCH)')"
 COPY pyproject.toml /tmp/src/
 COPY project/brainpaint/ /tmp/src/project/brainpaint/
+# The shipped weights: the default whenever no --weights is given (only /input and /output are
+# mounted in the orchestrator's 2025 contract); made readable by any uid below.
+COPY workspace/additional_files/model.safetensors /opt/brainpaint/model.safetensors
 RUN if [ "${OFFLINE}" = "1" ]; then export PIP_NO_INDEX=1; fi \
     && /opt/brainpaint/venv/bin/pip install --no-cache-dir --no-deps /tmp/src \
     && chmod -R a+rX /opt/brainpaint
@@ -55,9 +60,12 @@ LABEL org.opencontainers.image.title="brainpaint" \
       org.opencontainers.image.description="Diffusion inpainting of healthy brain tissue (BraTS 2023 local synthesis) MLCube" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/brainpaint/venv /opt/brainpaint/venv
+COPY --from=build /opt/brainpaint/model.safetensors /opt/brainpaint/model.safetensors
 COPY project/mlcube.py /opt/brainpaint/mlcube.py
 # Any uid works: nothing is written inside the image at run time; the entrypoint points HOME,
 # caches and temporary files at a fresh folder under /tmp.
-ENV PATH=/opt/brainpaint/venv/bin:${PATH}
+ENV PATH=/opt/brainpaint/venv/bin:${PATH} \
+    BRAINPAINT_WEIGHTS=/opt/brainpaint/model.safetensors
 WORKDIR /tmp
+# No CMD: without arguments the entrypoint reads /input and writes /output.
 ENTRYPOINT ["/opt/brainpaint/venv/bin/python", "/opt/brainpaint/mlcube.py"]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test smoke clean
+.PHONY: setup demo test smoke install-check clean
 
 $(BIN)/brainpaint: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: setup
 # Real container: private dockerd, debootstrap base image, mlcube infer/evaluate (see the MLCube section of README.md).
 smoke: setup
 	bash scripts/container_smoke.sh
+
+# A fresh virtual environment with `pip install .` and `pip install -e .`: the installed command works.
+install-check:
+	bash scripts/install_check.sh
 
 clean:
 	rm -rf workspace/predictions workspace/metrics

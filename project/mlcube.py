@@ -1,4 +1,5 @@
-"""MLCube entrypoint: translates MLCube/MedPerf task calls into the brainpaint CLI.
+"""Container entrypoint: translates MLCube/MedPerf task calls and BraTS orchestrator calls into
+the brainpaint CLI.
 
 MLCube runs the image as `mlcube.py <task> --name=/mlcube_ioN/... ...`, one option per
 parameter declared in mlcube/mlcube.yaml:
@@ -6,6 +7,13 @@ parameter declared in mlcube/mlcube.yaml:
     infer    --data_path=DIR --parameters_file=FILE --weights=DIR_OR_FILE --output_path=DIR
     evaluate --predictions=DIR --labels=DIR --parameters_file=FILE --output_path=FILE
     train    --data_path=DIR --parameters_file=FILE --output_path=DIR [--val_path=DIR]
+
+The BraTS orchestrator (the `brats` package) starts algorithm containers in one of two ways:
+for 2023/2024 algorithms with the same MLCube-style `infer` command line (its own mount points
+/mlcube_io0..3), for 2025 and later with only `/input` and `/output` mounted and no command at
+all. Without a command this entrypoint therefore runs `infer` on $BRAINPAINT_INPUT (default
+/input) into $BRAINPAINT_OUTPUT (default /output), with the weights the image carries
+($BRAINPAINT_WEIGHTS) and the built-in settings.
 
 Each task becomes the matching `brainpaint` command, so the container behaves exactly like
 the CLI on the host. Before that, this module makes the process independent of who runs it
@@ -27,6 +35,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 PROG = "brainpaint-mlcube"
+# The container call without a command (BraTS orchestrator, 2025 and later): input and output
+# folders, overridable for runs outside a container.
+INPUT_ENV, OUTPUT_ENV = "BRAINPAINT_INPUT", "BRAINPAINT_OUTPUT"
+DEFAULT_INPUT, DEFAULT_OUTPUT = "/input", "/output"
 
 # Environment variables that tell libraries where they may write. All point into the run's
 # private scratch folder so that nothing is written to $HOME, the image, or an input mount.
@@ -82,7 +94,9 @@ def gpu_visible() -> bool:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="MLCube entrypoint of brainpaint (options as MLCube/MedPerf pass them).",
+        description="Container entrypoint of brainpaint (options as MLCube/MedPerf and the BraTS orchestrator pass them).",
+        epilog=f"Without any argument: infer on ${INPUT_ENV} (default {DEFAULT_INPUT}) into ${OUTPUT_ENV} "
+        f"(default {DEFAULT_OUTPUT}) with the image's weights and the built-in settings.",
     )
     tasks = parser.add_subparsers(dest="task", required=True, metavar="{infer,evaluate,train}")
 
@@ -146,8 +160,18 @@ def cli_arguments(args: argparse.Namespace, use_gpu: bool) -> list[str]:
     raise ValueError(f"unknown task {args.task}")  # argparse already rejects these
 
 
+def parse_call(argv: Sequence[str]) -> argparse.Namespace:
+    """The task call: MLCube-style options, or (no arguments at all) inference from the input
+    folder into the output folder, as the BraTS orchestrator starts 2025-style containers."""
+    if argv:
+        return _parser().parse_args(list(argv))
+    data, out = os.environ.get(INPUT_ENV) or DEFAULT_INPUT, os.environ.get(OUTPUT_ENV) or DEFAULT_OUTPUT
+    _say(f"no task given: inference on {data} into {out} (the input/output container contract)")
+    return argparse.Namespace(task="infer", data_path=data, output_path=out, parameters_file=None, weights=None)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_call(sys.argv[1:] if argv is None else argv)
     prepare_runtime()
     use_gpu = True
     if args.task in ("infer", "train"):
@@ -159,8 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             _say(
                 f"no GPU visible (torch.cuda.is_available() is False); running task {args.task} "
-                "on the CPU, which is much slower. On a GPU host run mlcube with "
-                "platform.accelerator_count >= 1 so that --gpus=all is passed to docker."
+                "on the CPU, which is much slower. On a GPU host give the container the GPU "
+                "(docker run --gpus=all; mlcube: platform.accelerator_count >= 1)."
             )
     cli_argv = cli_arguments(args, use_gpu)
     _say("running: brainpaint " + " ".join(cli_argv))

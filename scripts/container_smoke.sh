@@ -10,7 +10,12 @@
 #   4. runs `mlcube run --mlcube=... --task=infer -Pplatform.accelerator_count=0` and then
 #      `--task=evaluate` on a tiny synthetic case with a tiny random model, as uid 1000 with
 #      --network=none, and checks the output (name, shape, affine, known voxels, metrics),
-#   5. stops the daemon it started, by PID, and removes its temporary files.
+#   5. runs the image the two ways the BraTS orchestrator (`brats` package) does, as uid 1000
+#      with --network=none and --shm-size=4gb on a two-case input folder laid out as it writes
+#      one: the 2023/2024 MLCube-style `infer --data_path=/mlcube_io0 --output_path=/mlcube_io2`
+#      with its four mounts, and the 2025 call with only /input and /output mounted and no
+#      command (the image's own weights), and checks both output folders,
+#   6. stops the daemon it started, by PID, and removes its temporary files.
 # Downloads, the base image, the wheels and the image layers are cached between runs in
 # $BRAINPAINT_SMOKE_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/brainpaint-smoke).
 # Needs root (dockerd), apt-get (Debian/Ubuntu host) and the package registries.
@@ -137,6 +142,8 @@ CTX=$WORK/context
 mkdir -p "$CTX/project" "$CTX/wheels"
 cp -a "$REPO/Dockerfile" "$REPO/.dockerignore" "$REPO/requirements.txt" "$REPO/pyproject.toml" "$CTX/"
 cp -a "$REPO/project/brainpaint" "$REPO/project/mlcube.py" "$CTX/project/"
+mkdir -p "$CTX/workspace/additional_files"
+cp -a "$REPO/workspace/additional_files/model.safetensors" "$CTX/workspace/additional_files/"
 cp -al "$WHEELS"/*.whl "$CTX/wheels/" 2>/dev/null || cp -a "$WHEELS"/*.whl "$CTX/wheels/"
 log "docker build $IMAGE (offline: --network=none, OFFLINE=1, BASE_IMAGE=$BASE_IMAGE)"
 BUILD_ARGS=(--network=none --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg OFFLINE=1 --build-arg TORCH_CUDA_ARCH=)
@@ -214,3 +221,46 @@ run_task evaluate
 owner=$(stat -c %u "$CUBE/workspace/predictions/BraTS-GLI-00042-000-t1n-inference.nii.gz")
 [ "$owner" = "$SMOKE_UID" ] || fail "prediction owned by uid $owner, expected the container uid $SMOKE_UID"
 log "prediction written by uid $owner (not root)"
+
+# ---------------------------------------------------------------- 5. the BraTS orchestrator's two calls
+# As brats.core.docker.run_container starts containers: every folder mounted read-write, the
+# calling uid (here the smoke uid), no network, its 4 GB shm; the input folder as the
+# orchestrator writes it (BraTS-GLI-0000k-000/<ID>-t1n-voided.nii.gz, <ID>-mask.nii.gz).
+BRATS=$WORK/brats
+brats_run() {
+    local name=$1; shift
+    log "docker run as the BraTS orchestrator starts $name algorithms:"
+    echo "    docker run --rm --network=none --shm-size=4gb -u $SMOKE_UID:$SMOKE_UID $*"
+    if ! docker run --rm --network=none --shm-size=4gb -u "$SMOKE_UID:$SMOKE_UID" "$@" >"$WORK/$name.log" 2>&1; then
+        cat "$WORK/$name.log"; fail "the $name container call failed"
+    fi
+    sed 's/^/  | /' "$WORK/$name.log"
+}
+brats_folders() {  # input, output (and any further empty folders), the output writable by the uid
+    "$PYTHON" "$REPO/scripts/smoke_case.py" brats-input "$1"
+    shift
+    mkdir -p "$@"
+    chmod -R a+rX "$BRATS"
+    chown "$SMOKE_UID:$SMOKE_UID" "$1"
+}
+
+# 2023/2024: MLCube-style command line; data, additional files (the tiny weights), output,
+# parameters at /mlcube_io0..3.
+M=$BRATS/mlcube
+brats_folders "$M/data" "$M/output" "$M/additional_files" "$M/parameters"
+cp "$CUBE/workspace/additional_files/model.safetensors" "$M/additional_files/"
+chmod a+r "$M/additional_files/model.safetensors"
+brats_run 2024-style -v "$M/data:/mlcube_io0:rw" -v "$M/additional_files:/mlcube_io1:rw" \
+    -v "$M/output:/mlcube_io2:rw" -v "$M/parameters:/mlcube_io3:rw" \
+    "$IMAGE" infer --data_path=/mlcube_io0 --output_path=/mlcube_io2 --weights=/mlcube_io1
+"$PYTHON" "$REPO/scripts/smoke_case.py" check-output "$M/data" "$M/output" || fail "2024-style output checks failed"
+
+# 2025: only /input and /output, no command: the entrypoint reads /input with the image's weights.
+N=$BRATS/2025
+brats_folders "$N/input" "$N/output"
+brats_run 2025-style -v "$N/input:/input:rw" -v "$N/output:/output:rw" "$IMAGE"
+grep -q "no task given: inference on /input into /output" "$WORK/2025-style.log" || fail "the 2025 call did not run on /input"
+grep -q "weights /opt/brainpaint/model.safetensors" "$WORK/2025-style.log" || fail "the 2025 call did not use the image's weights"
+"$PYTHON" "$REPO/scripts/smoke_case.py" check-output "$N/input" "$N/output" || fail "2025-style output checks failed"
+owner=$(stat -c %u "$N/output/BraTS-GLI-00000-000-t1n-inference.nii.gz")
+[ "$owner" = "$SMOKE_UID" ] || fail "2025-style prediction owned by uid $owner, expected $SMOKE_UID"

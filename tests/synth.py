@@ -74,3 +74,32 @@ def write_case(
         save(mask, folder / f"{case_id}-mask-healthy.nii.gz", affine, np.uint8)
         save(np.zeros(shape, np.uint8), folder / f"{case_id}-mask-unhealthy.nii.gz", affine, np.uint8)
     return folder
+
+
+def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "none", context_slices: int = 0,
+                 seed: int = 0, mirror: bool = False, prediction: str = "eps") -> Path:
+    """A randomly initialised `tiny` U-Net in the weights-file format (self-describing metadata),
+    so it loads exactly like trained weights: whole `slice_size` slices, or `crop_size` crops."""
+    import torch  # only the tests that need a network pay for torch
+    from safetensors.torch import save_file
+
+    from brainpaint.config import Config, model_config_yaml
+    from brainpaint.unet import build_unet, network_channels
+
+    cfg = Config.from_dict(
+        {
+            "model": {"preset": "tiny", "context_slices": context_slices},
+            "diffusion": {"prediction": prediction},
+            "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior, "mirror": mirror},
+        }
+    )
+    torch.manual_seed(seed)
+    model = build_unet(cfg.model, *network_channels(cfg))
+    with torch.no_grad():  # zero-initialised output layers would make the network ignore x_t
+        for p in model.parameters():
+            if not p.detach().abs().sum():
+                p.normal_(0.0, 0.05)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"config": model_config_yaml(cfg)})
+    return Path(path)

@@ -40,7 +40,9 @@ def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
     else:
         target = node.module or ""
     found = [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in MODULES]
-    return found + ([target] if target in MODULES else [])
+    # `from .. import geometry` needs the submodule; it needs the package's own code only for
+    # names that are not submodules (the package __init__ has run before any module in it).
+    return found + ([target] if target in MODULES and len(found) < len(node.names) else [])
 
 
 def _imports(module: str) -> set[str]:

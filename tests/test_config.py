@@ -73,3 +73,18 @@ def test_prepare_options_go_through_the_configuration(tmp_path, capsys):
     assert prepare.run_prepare(tmp_path, tmp_path / "out", masks_per_subject=0) == 2
     assert capsys.readouterr().err == "error: prepare.masks_per_subject must be >= 1, got 0\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_built_in_infer_settings_are_the_shipped_sampler():
+    """Without a parameters file, inference runs the sampler the README benchmarks."""
+    infer = InferConfig()
+    assert (infer.method, infer.sampler, infer.steps, infer.eta) == ("diffusion", "ddim", 16, 0.0)
+    assert (infer.temperature, infer.ensemble, infer.smoothing_sigma) == (0.0, 1, 1.075)
+    assert (infer.noise_correlation, infer.batch_slices, infer.device, infer.seed) == (0.0, 64, "auto", 0)
+
+
+def test_the_shipped_parameters_file_overrides_nothing():
+    from pathlib import Path
+
+    shipped = Config.load(Path(__file__).resolve().parents[1] / "workspace" / "parameters.yaml")
+    assert shipped.to_dict() == Config().to_dict() and not shipped.explicit

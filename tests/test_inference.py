@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 from scipy import ndimage
 from typer.testing import CliRunner
 
@@ -29,31 +28,7 @@ torch.set_num_threads(1)
 CASE = "BraTS-GLI-00007-000"
 
 
-def write_weights(
-    path, *, slice_size=48, crop_size=None, prior="none", context_slices=0, seed=0, mirror=False, prediction="eps"
-):
-    """A tiny U-Net with random weights in the shipped weights-file format."""
-    from brainpaint.unet import build_unet, network_channels
-
-    cfg = Config.from_dict(
-        {
-            "model": {"preset": "tiny", "context_slices": context_slices},
-            "diffusion": {"prediction": prediction},
-            "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior, "mirror": mirror},
-        }
-    )
-    torch.manual_seed(seed)
-    model = build_unet(cfg.model, *network_channels(cfg))
-    with torch.no_grad():  # zero-initialised output layers would make eps == 0 everywhere
-        for p in model.parameters():
-            if not p.detach().abs().sum():
-                p.normal_(0.0, 0.05)
-    from brainpaint.config import model_config_yaml
-
-    meta = model_config_yaml(cfg)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"config": meta})
-    return path
+write_weights = synth.tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +46,8 @@ def case_data(tmp_path_factory):
 
 
 def make(weights, **infer):
-    base = {"weights": str(weights), "device": "cpu", "steps": 3, "sampler": "ddim"}
+    # Temperature 1 (not the shipped 0) so that seeds, ensembles and noise settings play their part.
+    base = {"weights": str(weights), "device": "cpu", "steps": 3, "sampler": "ddim", "temperature": 1.0}
     base.update(infer)
     return DiffusionInpainter(Config.from_dict({"infer": base}))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,7 +159,9 @@ def test_every_copy_source_is_in_the_build_context():
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
         sent = [p for p in files if _in_build_context(str(p.relative_to(REPO)))]
         assert sent, f"COPY {src}: .dockerignore keeps it out of the build context"
-    assert not _in_build_context("workspace/additional_files/model.safetensors")
+    assert _in_build_context("workspace/additional_files/model.safetensors")  # the image's weights
+    assert not _in_build_context("workspace/data/BraTS-SYN-00055-000/BraTS-SYN-00055-000-t1n.nii.gz")
+    assert not _in_build_context("workspace/additional_files/MODEL_CARD.md")
     assert not _in_build_context("tests/test_mlcube.py")
     assert not _in_build_context("project/brainpaint/__pycache__/cli.cpython-311.pyc")
 
@@ -180,6 +183,16 @@ def test_the_image_installs_the_package_pyproject_describes_and_runs_the_entrypo
     assert entrypoint[0].startswith("/opt/brainpaint/venv/")
 
 
+def test_the_image_carries_the_shipped_weights_as_its_default():
+    """Only /input and /output are mounted in the orchestrator's 2025 contract: the weights are in the image."""
+    instructions = _dockerfile()
+    env = " ".join(args for keyword, args in instructions if keyword == "ENV")
+    weights = re.search(r"BRAINPAINT_WEIGHTS=(\S+)", env).group(1)
+    copied = [args.split() for keyword, args in instructions if keyword == "COPY"]
+    assert ["workspace/additional_files/model.safetensors", weights] in copied
+    assert ["--from=build", weights, weights] in copied  # into the final stage, after chmod a+rX
+
+
 def test_dockerfile_arguments_and_user():
     instructions = _dockerfile()
     args = dict(a.split("=", 1) for k, a in instructions if k == "ARG" and "=" in a)
@@ -196,8 +209,6 @@ def test_dockerfile_arguments_and_user():
 
 
 def test_documents_named_by_the_delivery_exist():
-    import re
-
     for name in ("Dockerfile", "mlcube/mlcube.yaml", "README.md", "docs/ARCHITECTURE.md"):
         for doc in re.findall(r"docs/[A-Za-z_]+\.md", (REPO / name).read_text()):
             assert (REPO / doc).is_file(), f"{name} points to {doc}, which does not exist"

@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from scipy import ndimage
 
 from brainpaint.brats_io import CaseData
@@ -29,26 +28,7 @@ SHAPE = synth.SMALL_SHAPE  # (48, 48, 20)
 Z_MASKED = range(4, 16)  # the slices the cylinder mask below covers
 
 
-def tiny_weights(path, *, context_slices=0, prior="none"):
-    """A randomly initialised tiny U-Net in the weights-file format (whole 48x48 slices)."""
-    from brainpaint.config import model_config_yaml
-    from brainpaint.unet import build_unet, network_channels
-
-    cfg = Config.from_dict(
-        {
-            "model": {"preset": "tiny", "context_slices": context_slices},
-            "data": {"slice_size": 48, "prior": prior},
-        }
-    )
-    torch.manual_seed(0)
-    model = build_unet(cfg.model, *network_channels(cfg))
-    with torch.no_grad():  # zero-initialised output layers would make the network ignore x_t
-        for p in model.parameters():
-            if not p.detach().abs().sum():
-                p.normal_(0.0, 0.05)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"config": model_config_yaml(cfg)})
-    return path
+tiny_weights = synth.tiny_weights
 
 
 def z_invariant_case() -> CaseData:
@@ -81,7 +61,9 @@ def weights(tmp_path_factory):
 
 
 def predict(weights, data, **infer):
-    settings = {"weights": str(weights), "device": "cpu", "sampler": "ddim", "steps": 3, "smoothing_sigma": 0}
+    # Temperature 1 (not the shipped 0): these tests are about how the sampling noise is shared.
+    settings = {"weights": str(weights), "device": "cpu", "sampler": "ddim", "steps": 3, "smoothing_sigma": 0,
+                "temperature": 1.0}
     settings.update(infer)
     return DiffusionInpainter(Config.from_dict({"infer": settings}))(data, seed=7).volume
 

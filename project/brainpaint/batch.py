@@ -36,9 +36,11 @@ import numpy as np
 from .atomic import temp_owner
 from .brats_io import CaseData, CaseError, cast_to_dtype, discover_cases, load_case, prediction_name, warn, write_nifti_atomic
 from .config import Config
-from .errors import BatchSetupError, one_line
+from .errors import BatchSetupError, InferenceSetupError, one_line
 from .predictors import Prediction, Predictor, make_predictor
+from .progress import CaseProgress, show_sampling_steps
 from .report import write_qa_report
+from .weights_path import resolve_weights
 
 
 def case_seed(base_seed: int, case_id: str) -> int:
@@ -170,35 +172,63 @@ def run_infer(
 ) -> int:
     """Inpaint every case under `data_dir` into `out_dir`; returns the process exit code
     (0 all good, 1 some case failed, 2 the run could not start). `predictor` overrides
-    `make_predictor(cfg)` (tests, custom methods)."""
+    `make_predictor(cfg)` (tests, custom methods).
+
+    Everything that can stop the whole run is checked before the output folder is created or
+    touched: the shard, the data folder, and the predictor (weights, device), which is built
+    only when some case is left to do. Then one or two lines say which settings run."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     try:
         entries = _entries(data_dir, out_dir, shard, report_dir)
-    except (BatchSetupError, OSError) as exc:
+        todo = [case for _, case in entries if not isinstance(case, CaseError) and (overwrite or not _done(out_dir, case.id))]
+        if todo and predictor is None:
+            predictor = _setup_predictor(cfg)
+        check_output_dir(out_dir)
+    except (BatchSetupError, InferenceSetupError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    rows: list[tuple[str, str, float, int]] = []
-    todo = []
-    for case_id, item in entries:
-        remove_stale_temporaries(out_dir, case_id)
-        if isinstance(item, CaseError):
-            print(f"error: {item}", file=sys.stderr)
-            rows.append((case_id, "failed", 0.0, 0))
-        elif not overwrite and (out_dir / prediction_name(case_id)).exists():
-            rows.append((case_id, "skipped", 0.0, 0))
-        else:
-            todo.append(item)
-    if todo and predictor is None:
-        try:
-            predictor = make_predictor(cfg)
-        except Exception as exc:
-            print(f"error: cannot set up infer.method '{cfg.infer.method}': {one_line(exc)}", file=sys.stderr)
-            rows.extend((case.id, "failed", 0.0, 0) for case in todo)
-            todo = []
-    rows += [_run_case(case, predictor, cfg.infer.seed, out_dir, report_dir) for case in todo]
+    for line in settings_lines(cfg, predictor if todo else None):
+        print(line, file=sys.stderr)
+    with CaseProgress(len(entries), "infer") as progress:
+        if todo and progress.enabled:
+            show_sampling_steps(predictor)
+        rows = [_case_row(case_id, item, predictor, cfg.infer.seed, out_dir, report_dir, overwrite, progress)
+                for case_id, item in entries]
     rows.sort(key=lambda r: r[0])
     print_summary(rows)
     return 1 if any(r[1] == "failed" for r in rows) else 0
+
+
+def _done(out_dir: Path, case_id: str) -> bool:
+    return (out_dir / prediction_name(case_id)).exists()
+
+
+def _setup_predictor(cfg: Config) -> Predictor:
+    """`make_predictor(cfg)`, any failure as one InferenceSetupError line naming the method."""
+    if cfg.infer.method == "diffusion":
+        resolve_weights(cfg.infer.weights)  # a missing file is named before torch loads
+    try:
+        return make_predictor(cfg)
+    except Exception as exc:
+        raise InferenceSetupError(f"cannot set up infer.method '{cfg.infer.method}': {one_line(exc)}") from exc
+
+
+def settings_lines(cfg: Config, predictor: Optional[Predictor]) -> list[str]:
+    """What runs, in one or two lines: the sampler settings, then the device and weights file
+    of the predictor that was built (none is built when every case is already done)."""
+    inf = cfg.infer
+    if inf.method == "harmonic":
+        return ["infer: method harmonic (classical 3D fill, no network), device cpu"]
+    lines = [
+        f"infer: method diffusion, sampler {inf.sampler}, {inf.steps} steps, eta {inf.eta:g}, "
+        f"temperature {inf.temperature:g}, ensemble {inf.ensemble}, "
+        + (f"filter sigma {inf.smoothing_sigma:g}" if inf.smoothing_sigma > 0 else "no filter")
+        + f", seed {inf.seed}"
+    ]
+    device, weights = getattr(predictor, "device", None), getattr(predictor, "weights", None)
+    if device is not None and weights is not None:
+        lines.append(f"infer: device {device}, weights {weights}")
+    return lines
 
 
 def _entries(data_dir: Path, out_dir: Path, shard: Optional[str], report_dir) -> list[tuple[str, object]]:
@@ -207,7 +237,6 @@ def _entries(data_dir: Path, out_dir: Path, shard: Optional[str], report_dir) ->
         shard = shard_from_environment()
     shard_ix = parse_shard(shard)
     cases, errors = discover_cases(data_dir, labels=False)
-    check_output_dir(out_dir)
     if report_dir is not None and Path(report_dir).resolve() == out_dir.resolve():
         raise BatchSetupError("the report folder must differ from the output folder (predictions only there)")
     # Bad folders take part in the sharding like good ones, so each is reported by one shard.
@@ -218,8 +247,23 @@ def _entries(data_dir: Path, out_dir: Path, shard: Optional[str], report_dir) ->
     return entries
 
 
-def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> tuple[str, str, float, int]:
-    """Predict, compose and write one case; its summary row (a failure is one line on stderr)."""
+def _case_row(case_id: str, item, predictor, seed: int, out_dir: Path, report_dir, overwrite: bool,
+              progress: CaseProgress) -> tuple[str, str, float, int]:
+    """One entry of the run: a bad case folder, a finished case to skip, or a case to inpaint."""
+    remove_stale_temporaries(out_dir, case_id)
+    if isinstance(item, CaseError):
+        progress.finished(f"error: {item}")
+        return case_id, "failed", 0.0, 0
+    if not overwrite and _done(out_dir, case_id):
+        progress.finished(f"{case_id}: {prediction_name(case_id)} exists, skipped (use --overwrite to recompute)")
+        return case_id, "skipped", 0.0, 0
+    row = _run_case(item, predictor, seed, out_dir, report_dir)
+    progress.finished(f"{case_id}: ok ({row[2]:.1f} s, {row[3]} slices)" if row[1] == "ok" else f"error: {case_id}: {row[4]}")
+    return row[:4]
+
+
+def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> tuple:
+    """Predict, compose and write one case: (id, "ok"/"failed", seconds, slices, problem)."""
     start = time.perf_counter()
     try:
         data = load_case(case)
@@ -228,11 +272,9 @@ def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) 
         write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
         if report_dir is not None:
             _write_reports(data, output, prediction, Path(report_dir))
-        seconds = time.perf_counter() - start
-        print(f"{case.id}: ok ({seconds:.1f} s)", file=sys.stderr)
-        return case.id, "ok", seconds, int(prediction.slices)
+        return case.id, "ok", time.perf_counter() - start, int(prediction.slices), ""
     except CaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        problem = exc.problem
     except Exception as exc:  # a crash in one case must not stop the others
-        print(f"error: {case.id}: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
-    return case.id, "failed", time.perf_counter() - start, 0
+        problem = f"{type(exc).__name__}: {one_line(exc)}"
+    return case.id, "failed", time.perf_counter() - start, 0, problem

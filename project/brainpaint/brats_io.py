@@ -241,13 +241,9 @@ def cast_to_dtype(array: np.ndarray, dtype) -> np.ndarray:
     return np.clip(array, info.min, info.max).astype(dtype)
 
 
-def write_nifti_atomic(array: np.ndarray, like_header, affine: np.ndarray, path: str | Path, dtype=None) -> Path:
-    """Write `array` as NIfTI at `path` with the header fields of `like_header` (orientation
-    codes, units, description), the given affine, `dtype` on disk and no intensity scaling.
-
-    The file appears under its final name only when complete (`atomic.atomic_write`).
-    """
-    path = Path(path)
+def nifti_like(array: np.ndarray, like_header, affine: np.ndarray, dtype=None):
+    """A NIfTI image of `array` with the header fields of `like_header` (orientation codes, units,
+    description), the given affine, `dtype` on disk and no intensity scaling."""
     dtype = np.dtype(dtype if dtype is not None else np.asarray(array).dtype)
     data = cast_to_dtype(array, dtype)
     if isinstance(like_header, nib.Nifti2Header):
@@ -260,6 +256,16 @@ def write_nifti_atomic(array: np.ndarray, like_header, affine: np.ndarray, path:
     img = klass(data, affine, header=header)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
+    return img
+
+
+def write_nifti_atomic(array: np.ndarray, like_header, affine: np.ndarray, path: str | Path, dtype=None) -> Path:
+    """Write `nifti_like(array, like_header, affine, dtype)` at `path`.
+
+    The file appears under its final name only when complete (`atomic.atomic_write`).
+    """
+    path = Path(path)
+    img = nifti_like(array, like_header, affine, dtype)
     with atomic_write(path) as tmp:
         nib.save(img, str(tmp))
     return path

@@ -6,6 +6,7 @@ harmonic fill of `infer` need none of it.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,15 +14,38 @@ from typing import Optional
 import typer
 
 from .batch import run_infer
-from .config import Config
+from .config import Config, InferConfig, PrepareConfig, TrainConfig
 from .errors import ConfigError
 from .prepare import run_prepare
+from .weights_path import WEIGHTS_ENV, default_weights
 
+# Plain (click) help, wrapped to the terminal but at least 100 columns wide where there is no
+# terminal (pipes, CI logs), so that option names and defaults are never cut off.
+HELP_WIDTH = max(shutil.get_terminal_size((120, 24)).columns, 100)
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": HELP_WIDTH, "terminal_width": HELP_WIDTH, "help_option_names": ["-h", "--help"]},
     help="Diffusion-model inpainting of healthy brain tissue (BraTS 2023 local synthesis).",
 )
+
+PARAMETERS_HELP = "Parameters YAML: any subset of the settings in brainpaint/config.py; options given here override it."
+
+
+def _help(text: str, default) -> str:
+    """Help text ending in its default the way click shows defaults."""
+    return f"{text}  [default: {default}]"
+
+
+def _setting(section, name: str, text: str, *names: str, shown=None):
+    """An option for one setting, None unless given (so the parameters file can set it); its
+    help shows the built-in default, which applies when neither sets it."""
+    default = getattr(section, name) if shown is None else shown
+    return typer.Option(None, *names, show_default=False, help=_help(text, default))
+
+
+INFER, TRAIN, PREPARE = InferConfig(), TrainConfig(), PrepareConfig()
 
 
 def _config(parameters_file: Optional[Path], overrides: dict) -> Config:
@@ -34,28 +58,47 @@ def _config(parameters_file: Optional[Path], overrides: dict) -> Config:
         raise typer.Exit(2)
 
 
+def _parameters_option():
+    return typer.Option(
+        None, "--parameters-file", "--parameters_file", show_default=False, help=_help(PARAMETERS_HELP, "none, the built-in settings")
+    )
+
+
 @app.command()
 def infer(
     data_path: Path = typer.Option(..., "--data-path", "--data_path", help="Folder of <ID>/ case folders."),
-    output_path: Path = typer.Option(..., "--output-path", "--output_path", help="Flat output folder."),
-    parameters_file: Optional[Path] = typer.Option(None, "--parameters-file", "--parameters_file"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="safetensors weights (file or folder)."),
-    method: Optional[str] = typer.Option(None, help="diffusion | harmonic"),
-    sampler: Optional[str] = typer.Option(None, help="ddim | dpm2m | ddpm"),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps."),
-    ensemble: Optional[int] = typer.Option(None, help="Samples averaged per case."),
-    temperature: Optional[float] = typer.Option(
-        None, help="Noise scale: 0 = one deterministic fill near the conditional mean, 1 = samples."
+    output_path: Path = typer.Option(
+        ..., "--output-path", "--output_path", help="Flat output folder for <ID>-t1n-inference.nii.gz (created)."
     ),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
-    shard: Optional[str] = typer.Option(None, help="i/n: process every n-th case starting at i (0-based)."),
+    parameters_file: Optional[Path] = _parameters_option(),
+    weights: Optional[Path] = _setting(
+        INFER, "weights", "safetensors weights: a file, or a folder holding model.safetensors.", "--weights",
+        shown=f"${WEIGHTS_ENV} if set, else {default_weights()}",
+    ),
+    method: Optional[str] = _setting(INFER, "method", "diffusion | harmonic (classical fill, no network)."),
+    sampler: Optional[str] = _setting(INFER, "sampler", "ddim | dpm2m | ddpm."),
+    steps: Optional[int] = _setting(INFER, "steps", "Sampling steps (ddpm with 1000 is the paper's path)."),
+    ensemble: Optional[int] = _setting(INFER, "ensemble", "Samples averaged per case (with temperature > 0)."),
+    temperature: Optional[float] = _setting(
+        INFER, "temperature", "Noise scale: 0 = one deterministic fill near the conditional mean, 1 = samples."
+    ),
+    seed: Optional[int] = _setting(INFER, "seed", "Base seed (each case derives its own)."),
+    device: Optional[str] = _setting(INFER, "device", "auto | cpu | cuda | cuda:N."),
+    shard: Optional[str] = typer.Option(
+        None, show_default=False,
+        help=_help("i/n: process every n-th case starting at i (0-based).", "all cases (under torchrun: RANK/WORLD_SIZE)"),
+    ),
     report_path: Optional[Path] = typer.Option(
-        None, "--report-path", "--report_path", help="Write QA PNGs (and std maps) here, outside the predictions."
+        None, "--report-path", "--report_path", show_default=False,
+        help=_help("Write QA PNGs (and std maps) here, outside the predictions.", "no reports"),
     ),
-    overwrite: bool = typer.Option(False, help="Recompute cases whose output already exists."),
+    overwrite: bool = typer.Option(False, help="Recompute cases whose output already exists (otherwise they are skipped)."),
 ) -> None:
-    """Inpaint every case under DATA_PATH into OUTPUT_PATH/<ID>-t1n-inference.nii.gz."""
+    """Inpaint every case under DATA_PATH into OUTPUT_PATH/<ID>-t1n-inference.nii.gz.
+
+    Settings: the options below, else the parameters file, else the built-in defaults shown.
+    Exit status 0 when every case succeeded, 1 when any failed, 2 when the run could not start.
+    """
     cfg = _config(
         parameters_file,
         {
@@ -78,9 +121,9 @@ def evaluate(
     predictions: Path = typer.Option(..., "--predictions", "--predictions_path", help="Folder of <ID>-t1n-inference.nii.gz."),
     labels: Path = typer.Option(..., "--labels", "--labels_path", help="BraTS case folders with t1n, voided and mask-healthy."),
     output_file: Path = typer.Option(..., "--output-file", "--output_file", help="Per-case CSV; a summary YAML is written beside it."),
-    parameters_file: Optional[Path] = typer.Option(None, "--parameters-file", "--parameters_file"),
+    parameters_file: Optional[Path] = _parameters_option(),
 ) -> None:
-    """Score predictions with the official BraTS 2023 inpainting metrics."""
+    """Score predictions with the official BraTS 2023 inpainting metrics (and the stripe index)."""
     cfg = _config(parameters_file, {})
     from .evaluate import run_evaluate  # loads torch: see the module doc
 
@@ -91,12 +134,16 @@ def evaluate(
 def train(
     data_path: Path = typer.Option(..., "--data-path", "--data_path", help="BraTS-layout training cases."),
     output_path: Path = typer.Option(..., "--output-path", "--output_path", help="Checkpoints, logs, exported weights."),
-    parameters_file: Optional[Path] = typer.Option(None, "--parameters-file", "--parameters_file"),
-    val_path: Optional[Path] = typer.Option(None, "--val-path", "--val_path", help="Validation cases (optional)."),
+    parameters_file: Optional[Path] = _parameters_option(),
+    val_path: Optional[Path] = typer.Option(
+        None, "--val-path", "--val_path", show_default=False, help=_help("Validation cases.", "no validation")
+    ),
     resume: bool = typer.Option(True, help="Continue from the newest checkpoint in OUTPUT_PATH."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    max_steps: Optional[int] = _setting(TRAIN, "max_steps", "Stop after this many steps.", "--max-steps"),
+    max_minutes: Optional[float] = _setting(
+        TRAIN, "max_minutes", "Stop (with a checkpoint) after this wall time.", "--max-minutes", shown="no limit"
+    ),
+    device: Optional[str] = _setting(TRAIN, "device", "auto | cpu | cuda | cuda:N."),
 ) -> None:
     """Train the diffusion model (single process, or under torchrun for DDP)."""
     cfg = _config(
@@ -111,14 +158,13 @@ def train(
 def prepare(
     input_path: Path = typer.Option(..., "--input-path", "--input_path", help="Folder of healthy skull-stripped T1 NIfTI files."),
     output_path: Path = typer.Option(..., "--output-path", "--output_path", help="Where BraTS-layout cases are written."),
-    parameters_file: Optional[Path] = typer.Option(None, "--parameters-file", "--parameters_file", help="Its prepare section."),
-    masks_per_subject: Optional[int] = typer.Option(None, help="Cases (masks) per subject (default 1)."),
-    val_subjects: Optional[str] = typer.Option(
-        None,
-        help="Validation subjects: comma-separated names (sub-49,sub-50), a count N (the last N), 'none', "
-        "or empty for the last seventh (sub-49..sub-56 of the 56 shared brains).",
+    parameters_file: Optional[Path] = _parameters_option(),
+    masks_per_subject: Optional[int] = _setting(PREPARE, "masks_per_subject", "Cases (tumour-shaped masks) per subject."),
+    val_subjects: Optional[str] = _setting(
+        PREPARE, "val_subjects", "Validation subjects: comma-separated names (sub-49,sub-50), a count N (the last N), "
+        "'none', or empty for the last seventh (sub-49..sub-56 of the 56 shared brains).", shown="empty",
     ),
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = _setting(PREPARE, "seed", "Seed of the masks."),
 ) -> None:
     """Build BraTS-layout training/validation cases with tumour-shaped healthy masks."""
     options = _config(

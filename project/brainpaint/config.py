@@ -284,10 +284,12 @@ class InferConfig(_Section):
     NAME: ClassVar[str] = "infer"
     # "ddpm" (ancestral, any respacing), "ddim" or "dpm2m" (2nd-order ODE solver)
     sampler: str = setting("ddim", choices=tuple(SAMPLERS))
-    steps: int = setting(50, ge=1)  # 1000 with sampler=ddpm is the paper-faithful path
+    # 16 respaced DDIM steps: 62.5x fewer network calls than the paper's 1000 (sampler=ddpm,
+    # steps=1000 is the paper-faithful path).
+    steps: int = setting(16, ge=1)
     eta: float = setting(0.0, ge=0)
-    ensemble: int = setting(1, ge=1)  # samples averaged per case
-    batch_slices: int = setting(16, ge=0)  # slices per network batch; 0 = all masked slices of a volume at once
+    ensemble: int = setting(1, ge=1)  # samples averaged per case (only useful with temperature > 0)
+    batch_slices: int = setting(64, ge=0)  # slices per network batch; 0 = all masked slices of a volume at once
     crop_margin: int = setting(16, ge=0)  # voxels around the mask kept in the in-plane crop (crop models)
     # Crop models: cover the mask with windows of exactly the training crop size, blended where
     # they overlap (True), or use one box grown to hold the whole mask (False).
@@ -297,7 +299,9 @@ class InferConfig(_Section):
     smoothing_border: Optional[int] = setting(None, ge=0)
     repaint: bool = False  # RePaint-style known-region x_t mixing during sampling
     noise_correlation: float = setting(0.0, ge=0, le=1)  # share of noise shared across neighbouring slices
-    temperature: float = setting(1.0, ge=0)  # scale of the sampler's noise; 0 with ddim = deterministic path
+    # Scale of the sampler's noise. 0 starts the deterministic DDIM path at x_T = 0: one fill near
+    # the conditional mean, which the challenge metrics reward; 1 draws samples (ensembles, std maps).
+    temperature: float = setting(0.0, ge=0)
     bf16: bool = True  # autocast on CUDA only
     seed: int = 0
     weights: Optional[str] = None  # safetensors file; None = the workspace's shipped weights

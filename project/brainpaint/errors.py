@@ -29,6 +29,11 @@ class CaseError(Exception):
         super().__init__(f"{self.case_id}: {self.problem}")
 
 
+class InputError(CaseError, ValueError):
+    """Volumes given to the Python API (`brainpaint.Inpainter`) that cannot be inpainted: a
+    ValueError whose `str()` is one line naming the input and the problem."""
+
+
 class PrepareError(ValueError):
     """A problem with one input file of `prepare`; `str()` is one line naming the file."""
 

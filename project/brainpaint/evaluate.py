@@ -26,6 +26,7 @@ import io
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from .atomic import write_text
 from .brats_io import CaseError, check_finite, check_geometry, check_mask, discover_cases, open_image, prediction_name
 from .config import Config
 from .errors import one_line
+from .progress import CaseProgress
 
 MAIN_METRICS = ("ssim", "psnr", "mse")
 # torchmetrics' SSIM window is 11 x 11: with more than 5 zero voxels around the mask every
@@ -154,6 +156,37 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _score(case, pred_files: dict[str, Path], pred_dir: Path, with_stripes: bool) -> dict:
+    """The metrics row of one case; any problem is a one-line CaseError naming it."""
+    name = prediction_name(case.id)
+    if name not in pred_files:
+        raise CaseError(case.id, f"missing prediction {name} in {pred_dir}")
+    try:
+        return {"case": case.id, **score_case(case, pred_files[name], with_stripes)}
+    except CaseError:
+        raise
+    except Exception as exc:
+        raise CaseError(case.id, f"{type(exc).__name__}: {one_line(exc)}") from exc
+
+
+def _score_cases(cases, pred_files, pred_dir: Path, with_stripes: bool, failures: dict[str, str]) -> list[dict]:
+    """The metrics rows of the cases that could be scored; the others go to `failures`.
+
+    One line per case as it finishes (its time, or its one-line error), under a progress bar
+    when stderr is a terminal."""
+    rows: list[dict] = []
+    with CaseProgress(len(cases), "evaluate") as progress:
+        for case in cases:
+            start = time.perf_counter()
+            try:
+                rows.append(_score(case, pred_files, pred_dir, with_stripes))
+                progress.finished(f"{case.id}: scored ({time.perf_counter() - start:.1f} s)")
+            except CaseError as exc:
+                failures[exc.case_id] = exc.problem
+                progress.finished(f"error: {exc}")
+    return rows
+
+
 def run_evaluate(cfg: Config, pred_dir: str | Path, label_dir: str | Path, out_file: str | Path) -> int:
     """Score `pred_dir/<ID>-t1n-inference.nii.gz` against the label cases in `label_dir`.
 
@@ -173,25 +206,15 @@ def run_evaluate(cfg: Config, pred_dir: str | Path, label_dir: str | Path, out_f
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
-    failures: dict[str, str] = {e.case_id: e.problem for e in errors}
-    expected = {prediction_name(e.case_id) for e in errors}
-    rows: list[dict] = []
-    for case in cases:
-        name = prediction_name(case.id)
-        expected.add(name)
-        try:
-            if name not in pred_files:
-                raise CaseError(case.id, f"missing prediction {name} in {pred_dir}")
-            rows.append({"case": case.id, **score_case(case, pred_files[name], cfg.evaluate.stripe_index)})
-        except CaseError as exc:
-            failures[exc.case_id] = exc.problem
-        except Exception as exc:
-            failures[case.id] = f"{type(exc).__name__}: {one_line(exc)}"
+    failures: dict[str, str] = {}
+    for error in errors:  # label folders that are not valid cases
+        failures[error.case_id] = error.problem
+        print(f"error: {error}", file=sys.stderr)
+    rows = _score_cases(cases, pred_files, pred_dir, cfg.evaluate.stripe_index, failures)
+    expected = {prediction_name(e.case_id) for e in errors} | {prediction_name(c.id) for c in cases}
     for name in sorted(set(pred_files) - expected):
         failures[name] = "extra file in the predictions folder (no label case matches it)"
-
-    for key in sorted(failures):
-        print(f"error: {key}: {failures[key]}", file=sys.stderr)
+        print(f"error: {name}: {failures[name]}", file=sys.stderr)
     stats = summarize(rows)
     summary = {
         "cases_scored": len(rows),

@@ -8,9 +8,7 @@ checkpoint.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -21,14 +19,10 @@ from torch import nn
 from .atomic import atomic_write
 from .checkpoints import check_same_model, checkpoint_step, cpu_tensors, newest_checkpoint
 from .config import Config, model_config_yaml
-from .errors import InferenceSetupError, TrainError
+from .errors import TrainError
 from .unet import INPUT_CONV, build_unet, network_channels, widen_input_conv
-
-WEIGHTS_NAME = "model.safetensors"
-# Where the shipped weights live (repo checkout and MLCube workspace alike); overridable by
-# `infer.weights` / `--weights`, or the BRAINPAINT_WEIGHTS environment variable.
-WEIGHTS_ENV = "BRAINPAINT_WEIGHTS"
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "workspace" / "additional_files" / WEIGHTS_NAME
+# Re-exported: the predictor and older callers import the weights resolution from here.
+from .weights_path import DEFAULT_WEIGHTS, WEIGHTS_ENV, WEIGHTS_NAME, resolve_weights  # noqa: F401
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -77,31 +71,6 @@ def load_model(weights_path, device="cpu") -> tuple[nn.Module, Config]:
     model.load_state_dict(load_file(str(weights_path)))
     model.to(torch.device(device)).eval()
     return model, cfg
-
-
-def resolve_weights(setting: Optional[str | os.PathLike]) -> Path:
-    """The weights file to load: the explicit setting, else $BRAINPAINT_WEIGHTS, else the default.
-
-    A folder is accepted when it holds `model.safetensors` or exactly one `*.safetensors` file,
-    so `--weights workspace/additional_files` works as well as the file itself.
-    """
-    if setting:
-        path = Path(setting)
-    elif os.environ.get(WEIGHTS_ENV):
-        path = Path(os.environ[WEIGHTS_ENV])
-    else:
-        path = DEFAULT_WEIGHTS
-    if path.is_dir():
-        preferred = path / WEIGHTS_NAME
-        found = [preferred] if preferred.is_file() else sorted(path.glob("*.safetensors"))
-        if len(found) != 1:
-            raise InferenceSetupError(
-                f"weights folder {path} must hold model.safetensors or exactly one *.safetensors file"
-            )
-        path = found[0]
-    if not path.is_file():
-        raise InferenceSetupError(f"weights file not found: {path} (set infer.weights, --weights or ${WEIGHTS_ENV})")
-    return path
 
 
 def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.device) -> None:
