@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 from scipy.sparse import linalg as splinalg
+from threadpoolctl import threadpool_limits
 
 RTOL = 1e-7
 MAX_ITER = 5000
@@ -79,6 +80,8 @@ def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL) -> n
     x0 = np.full(b.size, b.sum() / max(known_links, 1.0))
     jacobi = splinalg.LinearOperator(A.shape, matvec=lambda r: r / diag, dtype=np.float64)
     # Should MAX_ITER ever be hit, the iterate is still a smooth, bounded estimate: use it.
-    u, _ = splinalg.cg(A, b, x0=x0, rtol=rtol, atol=0.0, maxiter=MAX_ITER, M=jacobi)
+    # The vectors are short: BLAS threads only contend (3x slower beside a busy torch or another job).
+    with threadpool_limits(1, user_api="blas"):
+        u, _ = splinalg.cg(A, b, x0=x0, rtol=rtol, atol=0.0, maxiter=MAX_ITER, M=jacobi)
     out[mask] = u.astype(np.float32)  # boolean indexing walks voxels in C order, like `flat`
     return out
