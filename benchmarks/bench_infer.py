@@ -1,27 +1,35 @@
-"""Inference benchmark: paper-faithful sampling vs the default path, on the same weights and case.
+"""Inference benchmark: the default path, few-step conditional means and the paper's 1000 steps,
+on the same weights and case, in one run.
 
-Measures, in one run (so the speed ratio compares like with like on one machine):
-  * faithful: ancestral DDPM, 1000 steps, slice batches of 16, fp32 (the paper's sampler);
-  * default:  the configured sampler (`--parameters-file`, else the Config defaults);
-  * optionally the default path with RePaint-style known-region mixing (`--repaint-compare`).
-For each: seconds per volume, in-mask SSIM/PSNR from the official `inpainting` package (when
-the case has a ground truth), the stripe index, and the process's peak RSS after it.
+Paths (each in a fresh child process, so its peak RSS is its own):
 
-On a CPU the 1000-step path on a whole volume takes hours with a real model; `--faithful-steps`
-and `--faithful-slices` time a part of it and scale the time up to 1000 steps and all slices.
-Such numbers are printed as EXTRAPOLATED, and no quality is reported for that path.
+    default        the configured sampler (`--parameters-file`, else the code's defaults)
+    ddim-1/2/4/16  DDIM from x_T = 0 (temperature 0) with that many steps and the same filter:
+                   the conditional-mean estimates (one step from pure noise is exactly the
+                   network's x0 prediction, the conditional mean an x0/v model is trained for)
+    ddpm-1000      the paper-faithful path: ancestral DDPM, 1000 steps, batches of 16, fp32,
+                   one draw at temperature 1, Gaussian filter sigma 1.075
+
+For each: seconds per volume (inference of the whole case, after a warm-up), SSIM and PSNR
+from the official `inpainting` package, the stripe index, and the child's peak RSS. Then the
+speed ratio of the default against ddpm-1000 and the SSIM gaps.
+
+    python benchmarks/bench_infer.py --subject sub-50 --mask-cm3 2 3
+    python benchmarks/bench_infer.py --validation       # 1/2/4/16 steps on the validation subjects
 
 Case: `--case <folder>` (BraTS layout, with `-t1n` and `-mask-healthy` for quality), else a
-validation case is built from `../shared/data/healthy-t1/` (one subject plus a generated
-tumour-shaped mask). Weights: `--weights`, else the shipped weights; `--random-preset tiny`
-builds randomly initialised weights to check the pipeline and timings (quality meaningless).
-
-    python benchmarks/bench_infer.py --random-preset tiny --faithful-steps 20
+case built from `../shared/data/healthy-t1/<subject>` with a generated tumour-shaped mask
+(`--mask-cm3 2 3`: a small one, so the 1000-step path runs in full on a CPU). Without the data
+the script says so loudly and exits 0. `--random-preset tiny` uses random weights to check the
+pipeline (quality meaningless). `--faithful-steps N` times N ancestral steps and scales to 1000
+(printed as EXTRAPOLATED, no quality).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,16 +38,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainpaint.batch import compose_output, case_seed
-from brainpaint.brats_io import CaseData, discover_cases, load_case
+from brainpaint.batch import case_seed, compose_output
+from brainpaint.brats_io import CaseData, discover_cases, load_case, write_nifti_atomic
 from brainpaint.config import Config
+from brainpaint.evaluate import official_metrics, stripe_index
 from brainpaint.predictors.diffusion import DiffusionInpainter
 from brainpaint.weights import resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "healthy-t1"
+DEFAULT_VAL = REPO / "workspace" / "prepared" / "val"
 PAPER_STEPS = 1000
-PAPER_BATCH = 16
+FEW_STEPS = (1, 2, 4, 16)
 
 
 def peak_rss_gb() -> float:
@@ -51,8 +61,9 @@ def loud(message: str) -> None:
     print(f"{bar}\n{message}\n{bar}", file=sys.stderr)
 
 
-def build_case(data_root: Path, subject: str, seed: int, mask_cm3: tuple[float, float] = (5.0, 200.0)) -> CaseData | None:
-    """A validation case from a healthy T1: a generated mask voided out, the T1 as ground truth."""
+# --------------------------------------------------------------------------- the case
+def build_case(data_root: Path, subject: str, seed: int, mask_cm3, out: Path) -> Path | None:
+    """A labelled case folder from a healthy T1: a generated mask voided out, the T1 as truth."""
     import nibabel as nib
 
     from brainpaint.masks import generate_masks
@@ -63,38 +74,33 @@ def build_case(data_root: Path, subject: str, seed: int, mask_cm3: tuple[float, 
         return None
     img = nib.load(str(path))
     disk = np.asanyarray(img.dataobj)
-    t1 = disk.astype(np.float32)
-    mask = generate_masks(t1 > 0, 1, seed=seed, volume_range_cm3=mask_cm3)[0]
-    voided_disk = np.where(mask, 0, disk).astype(disk.dtype)
-    return CaseData(
-        id=f"bench-{subject}",
-        voided=voided_disk.astype(np.float32),
-        mask=mask,
-        affine=np.asarray(img.affine),
-        header=img.header,
-        dtype=np.dtype(img.get_data_dtype()),
-        t1n=t1,
-        mask_healthy=mask,
-        voided_disk=voided_disk,
-    )
+    mask = generate_masks(disk > 0, 1, seed=seed, volume_range_cm3=tuple(mask_cm3))[0]
+    case_id = f"BraTS-BENCH-{int(subject.split('-')[-1]):05d}-000"
+    folder = out / case_id
+    folder.mkdir(parents=True)  # alone in its parent: discover_cases reads the parent
+    for suffix, array, dtype in (("t1n", disk, disk.dtype), ("t1n-voided", np.where(mask, 0, disk), disk.dtype),
+                                 ("mask", mask, np.uint8), ("mask-healthy", mask, np.uint8),
+                                 ("mask-unhealthy", np.zeros_like(mask), np.uint8)):
+        write_nifti_atomic(np.asarray(array).astype(dtype), img.header, img.affine, folder / f"{case_id}-{suffix}.nii.gz", dtype)
+    return folder
 
 
-def load_case_folder(folder: Path) -> CaseData:
-    cases, errors = discover_cases(folder.parent)
+def load_folder(folder: Path) -> CaseData:
+    cases, errors = discover_cases(folder.parent, labels=True)
     for err in errors:
         if err.case_id == folder.name:
             raise SystemExit(f"error: {err}")
-    case = next(c for c in cases if c.id == folder.name)
-    has_labels = "t1n" in case.files and "mask_healthy" in case.files
-    return load_case(case, labels=has_labels)
+    return load_case(next(c for c in cases if c.id == folder.name), labels=True)
 
 
 def random_weights(preset: str, out_dir: Path) -> Path:
-    from brainpaint.config import model_config_yaml
-    from brainpaint.unet import build_unet, network_channels
     from safetensors.torch import save_file
 
-    cfg = Config.from_dict({"model": {"preset": preset}})
+    from brainpaint.config import model_config_yaml
+    from brainpaint.unet import build_unet, network_channels
+
+    cfg = Config.from_dict({"model": {"preset": preset}, "diffusion": {"prediction": "x0"},
+                            "data": {"crop_size": 128, "prior": "harmonic", "mirror": True}})
     torch.manual_seed(0)
     model = build_unet(cfg.model, *network_channels(cfg))
     with torch.no_grad():
@@ -106,27 +112,24 @@ def random_weights(preset: str, out_dir: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- the paths
+def path_settings(name: str, faithful_steps: int) -> dict:
+    """`infer` overrides of a named path (over the default path's settings)."""
+    if name == "default":
+        return {}
+    if name.startswith("ddim-"):
+        return {"infer.sampler": "ddim", "infer.steps": int(name[5:]), "infer.temperature": 0.0, "infer.eta": 0.0,
+                "infer.ensemble": 1}
+    return {"infer.sampler": "ddpm", "infer.steps": faithful_steps, "infer.batch_slices": 16, "infer.bf16": False,
+            "infer.ensemble": 1, "infer.repaint": False, "infer.noise_correlation": 0.0, "infer.temperature": 1.0,
+            "infer.smoothing_sigma": 1.075}
+
+
 def quality(data: CaseData, output: np.ndarray) -> dict[str, float]:
-    """Official in-mask metrics (the challenge's own code) plus the stripe index."""
     if data.t1n is None or data.mask_healthy is None:
         return {}
-    from inpainting.challenge_metrics_2023 import generate_metrics
-
-    from brainpaint.evaluate import stripe_index
-
-    as_tensor = lambda a: torch.Tensor(np.asarray(a, dtype=np.float32)).unsqueeze(0).contiguous()
-    metrics = generate_metrics(
-        prediction=as_tensor(output),
-        target=as_tensor(data.t1n.astype(data.dtype)),
-        normalization_tensor=as_tensor(data.voided_disk),
-        mask=as_tensor(data.mask_healthy).bool(),
-    )
-    out = {"ssim": metrics["ssim"], "psnr": metrics["psnr"]}
-    try:
-        out["stripe"] = float(stripe_index(output.astype(np.float32), data.t1n, data.mask_healthy))
-    except Exception:  # an optional extra; never fail the benchmark over it
-        pass
-    return out
+    m = official_metrics(output, data.t1n, data.voided, data.mask_healthy)
+    return {"ssim": m["ssim"], "psnr": m["psnr"], "stripe": stripe_index(output.astype(np.float32), data.t1n, data.mask_healthy)}
 
 
 def sync(device: torch.device) -> None:
@@ -134,135 +137,138 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_full(inpainter: DiffusionInpainter, data: CaseData, seed: int):
+def run_path(job: dict) -> dict:
+    """One path on one case, in this process: warm up, time the whole case, score it."""
+    torch.set_num_threads(job["threads"])
+    data = load_folder(Path(job["case"]))
+    cfg = Config.load(job["parameters"]).override(
+        {"infer.weights": job["weights"], "infer.device": job["device"], **path_settings(job["name"], job["faithful_steps"])}
+    )
+    inpainter = DiffusionInpainter(cfg)
+    seed = case_seed(cfg.infer.seed, data.id)
+    extrapolated = job["name"] == "ddpm-1000" and job["faithful_steps"] != PAPER_STEPS
+    with torch.inference_mode():  # warm-up: allocator and kernels, one step on a few slices
+        _, _, box, cond = inpainter.conditioning(data)
+        inpainter.diffusion.sample(inpainter.model, torch.from_numpy(cond[:4]).to(inpainter.device), sampler="ddim",
+                                   steps=1, temperature=0.0)
     sync(inpainter.device)
     start = time.perf_counter()
     prediction = inpainter(data, seed)
     sync(inpainter.device)
-    return time.perf_counter() - start, compose_output(data, prediction)
-
-
-def time_partial(inpainter: DiffusionInpainter, data: CaseData, seed: int, slices: int | None):
-    """Sample `slices` slices with the inpainter's steps; scale to all slices and 1000 steps."""
-    zs, _, _, cond = inpainter.conditioning(data)
-    part = cond[: slices or len(cond)]
-    batch = int(inpainter.infer.batch_slices) or len(part)
-    batches_run, batches_full = -(-len(part) // batch), -(-len(cond) // batch)
-    sync(inpainter.device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        inpainter.sample_slices(part, seed, 0)
-    sync(inpainter.device)
     seconds = time.perf_counter() - start
-    return seconds * (PAPER_STEPS / int(inpainter.infer.steps)) * (batches_full / batches_run)
+    output = compose_output(data, prediction)
+    result = {"name": job["name"], "seconds": seconds, "rss_gb": peak_rss_gb()}
+    if extrapolated:
+        result["seconds"] = seconds * PAPER_STEPS / job["faithful_steps"]
+        result["note"] = f"EXTRAPOLATED from {job['faithful_steps']} steps"
+    else:
+        result.update(quality(data, output))
+    if inpainter.device.type == "cuda":
+        result["gpu_peak_gb"] = torch.cuda.max_memory_allocated(inpainter.device) / 1024**3
+    result["settings"] = {k: getattr(cfg.infer, k) for k in ("sampler", "steps", "temperature", "ensemble", "smoothing_sigma",
+                                                              "batch_slices", "tile")}
+    return result
 
 
-def warm_up(inpainter: DiffusionInpainter, data: CaseData) -> None:
-    """One 1-step sample so one-time costs (allocator, kernels) are not timed."""
-    _, _, _, cond = inpainter.conditioning(data)
-    steps = inpainter.infer.steps
-    inpainter.infer.steps = 1
-    with torch.inference_mode():
-        inpainter.sample_slices(cond[: max(1, int(inpainter.infer.batch_slices) or 1)], 0, 0)
-    inpainter.infer.steps = steps
+def in_child(job: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"path {job['name']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def row(name: str, seconds: float, q: dict, rss: float, note: str = "") -> str:
-    ssim = f"{q['ssim']:.4f}" if "ssim" in q else "n/a"
-    psnr = f"{q['psnr']:.2f}" if "psnr" in q else "n/a"
-    stripe = f"{q['stripe']:.3f}" if "stripe" in q else "n/a"
-    return f"{name:<26} {seconds:>12.2f} {ssim:>8} {psnr:>8} {stripe:>8} {rss:>9.2f}  {note}"
+def fmt(r: dict) -> str:
+    q = lambda k, f: format(r[k], f) if k in r else "n/a"  # noqa: E731
+    return (f"{r['name']:<12} {r['seconds']:>10.2f} {q('ssim', '.4f'):>8} {q('psnr', '.2f'):>7} {q('stripe', '.3f'):>7} "
+            f"{r['rss_gb']:>8.2f}  {r.get('note', '')}")
+
+
+def single_case(args, weights: Path, case: Path) -> None:
+    paths = ["default"] + [f"ddim-{n}" for n in FEW_STEPS] + ([] if args.skip_faithful else ["ddpm-1000"])
+    base = {"case": str(case), "weights": str(weights), "device": args.device, "threads": args.threads,
+            "parameters": str(args.parameters_file) if args.parameters_file else None,
+            "faithful_steps": args.faithful_steps}
+    data = load_folder(case)
+    print(f"case {data.id}: {int(data.mask.any(axis=(0, 1)).sum())} masked slices, {int(data.mask.sum())} mask voxels; "
+          f"weights {weights}; {args.threads} threads")
+    print(f"{'path':<12} {'s/volume':>10} {'ssim':>8} {'psnr':>7} {'stripe':>7} {'peakRSS':>8}", flush=True)
+    results = {}
+    for name in paths:
+        results[name] = in_child({**base, "name": name})
+        if name == "default":
+            print(f"# default settings: {results[name]['settings']}")
+        print(fmt(results[name]), flush=True)
+    if "ddpm-1000" in results:
+        d, f = results["default"], results["ddpm-1000"]
+        print(f"speed ratio ddpm-1000 / default: {f['seconds'] / d['seconds']:.1f}x{' (EXTRAPOLATED)' if 'note' in f else ''}")
+        if "ssim" in f:
+            print(f"SSIM default - ddpm-1000: {d['ssim'] - f['ssim']:+.4f}")
+    if "ssim" in results["default"]:
+        print(f"SSIM default - ddim-16: {results['default']['ssim'] - results['ddim-16']['ssim']:+.4f}")
+
+
+def validation(args, weights: Path) -> None:
+    """1/2/4/16 DDIM steps and the default on the validation subjects (`*-000` cases), in-process."""
+    if not args.val.is_dir():
+        loud(f"SKIPPED: {args.val} not found (build it with `brainpaint prepare`, see README)")
+        return
+    cases = [c for c in discover_cases(args.val, labels=True)[0] if c.id.endswith("-000")][: args.cases]
+    torch.set_num_threads(args.threads)
+    rows = {}
+    datas = [load_case(c, labels=True) for c in cases]
+    for name in ["default"] + [f"ddim-{n}" for n in FEW_STEPS]:
+        cfg = Config.load(args.parameters_file).override(
+            {"infer.weights": str(weights), "infer.device": args.device, **path_settings(name, PAPER_STEPS)})
+        inpainter = DiffusionInpainter(cfg)
+        scores, seconds = [], []
+        for data in datas:
+            start = time.perf_counter()
+            prediction = inpainter(data, case_seed(cfg.infer.seed, data.id))
+            seconds.append(time.perf_counter() - start)
+            scores.append(official_metrics(compose_output(data, prediction), data.t1n, data.voided, data.mask_healthy))
+        rows[name] = {k: float(np.mean([s[k] for s in scores])) for k in ("ssim", "psnr", "mse")}
+        rows[name]["median_s"] = float(np.median(seconds))
+        r = rows[name]
+        print(f"{name:<10} SSIM {r['ssim']:.4f}  PSNR {r['psnr']:.2f}  MSE {r['mse']:.5f}  median {r['median_s']:.2f} s/volume",
+              flush=True)
+    print(f"{len(datas)} validation cases; SSIM default - ddim-16: {rows['default']['ssim'] - rows['ddim-16']['ssim']:+.4f}")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, default=None, help="weights file (default: the shipped weights)")
-    ap.add_argument("--random-preset", choices=("tiny", "small", "paper"), help="use random weights of this preset")
-    ap.add_argument("--case", type=Path, help="BraTS case folder (default: built from --data-root)")
+    ap.add_argument("--random-preset", choices=("tiny", "small", "paper"), help="random weights of this preset")
+    ap.add_argument("--case", type=Path, help="BraTS case folder with labels (default: built from --data-root)")
     ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--subject", default="sub-01")
-    ap.add_argument("--mask-cm3", type=float, nargs=2, default=(5.0, 200.0), metavar=("LO", "HI"),
-                    help="volume range of the generated mask (a small one lets the 1000-step path run fully on a CPU)")
+    ap.add_argument("--subject", default="sub-50")
+    ap.add_argument("--mask-cm3", type=float, nargs=2, default=(2.0, 3.0), metavar=("LO", "HI"))
     ap.add_argument("--parameters-file", type=Path, help="YAML for the default path (infer section)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--faithful-steps", type=int, default=PAPER_STEPS, help="time this many steps and extrapolate")
-    ap.add_argument("--faithful-slices", type=int, default=0, help="time this many slices and extrapolate (0 = all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated mask")
+    ap.add_argument("--faithful-steps", type=int, default=PAPER_STEPS, help="time this many ancestral steps and extrapolate")
     ap.add_argument("--skip-faithful", action="store_true")
-    ap.add_argument("--repaint-compare", action="store_true", help="also run the default path with repaint on")
+    ap.add_argument("--validation", action="store_true", help="1/2/4/16 steps and the default on the validation subjects")
+    ap.add_argument("--val", type=Path, default=DEFAULT_VAL)
+    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-
-    data = load_case_folder(args.case) if args.case else build_case(args.data_root, args.subject, args.seed, tuple(args.mask_cm3))
-    if data is None:
+    if args.child:
+        print(json.dumps(run_path(json.loads(args.child))))
         return 0
-    tmp = tempfile.TemporaryDirectory()
-    if args.random_preset:
-        weights = random_weights(args.random_preset, Path(tmp.name))
-        loud(f"RANDOM {args.random_preset} weights: timings are real, quality numbers are meaningless")
-    else:
-        weights = resolve_weights(args.weights)
-
-    default_cfg = Config.load(args.parameters_file).override({"infer.weights": str(weights), "infer.device": args.device})
-    faithful_cfg = default_cfg.override(
-        {"infer.sampler": "ddpm", "infer.steps": args.faithful_steps, "infer.batch_slices": PAPER_BATCH,
-         "infer.bf16": False, "infer.ensemble": 1, "infer.repaint": False, "infer.noise_correlation": 0.0,
-         "infer.temperature": 1.0, "infer.smoothing_sigma": 1.075}
-    )
-    seed = case_seed(args.seed, data.id)
-    default = DiffusionInpainter(default_cfg)
-    inf = default_cfg.infer
-    n_slices = int(data.mask.any(axis=(0, 1)).sum())
-    print(f"case {data.id}: grid {data.voided.shape}, {n_slices} masked slices, {int(data.mask.sum())} mask voxels")
-    print(f"weights {weights} | device {default.device} | model preset {default.model_cfg.model.preset} "
-          f"| data prior {default.data_cfg.prior}, crop {default.data_cfg.crop_size}")
-    print(f"default path: {inf.sampler} {inf.steps} steps, eta {inf.eta}, batch {inf.batch_slices or 'all'}, "
-          f"ensemble {inf.ensemble}, bf16 {inf.bf16 and default.device.type == 'cuda'}, "
-          f"smoothing {inf.smoothing_sigma}, repaint {inf.repaint}, noise corr. {inf.noise_correlation}, "
-          f"temperature {inf.temperature}")
-    print("faithful path: ddpm 1000 ancestral steps, batch 16, fp32, one sample at temperature 1, Gaussian filter 1.075")
-
-    print(f"{'path':<26} {'s/volume':>12} {'ssim':>8} {'psnr':>8} {'stripe':>8} {'peakRSS':>9}", flush=True)
-    lines = []
-    show = lambda: print(lines[-1], flush=True)
-    warm_up(default, data)
-    t_default, out_default = time_full(default, data, seed)
-    rss_default = peak_rss_gb()
-    quality_default, quality_faithful = quality(data, out_default), {}
-    lines.append(row("default", t_default, quality_default, rss_default))
-    if default.device.type == "cuda":
-        lines[-1] += f" gpu-peak {torch.cuda.max_memory_allocated(default.device) / 1024**3:.2f} GB"
-    show()
-
-    if args.repaint_compare:
-        rp = DiffusionInpainter(default_cfg.override({"infer.repaint": True}))
-        t_rp, out_rp = time_full(rp, data, seed)
-        lines.append(row("default + repaint", t_rp, quality(data, out_rp), peak_rss_gb()))
-        show()
-
-    t_faithful = None
-    if not args.skip_faithful:
-        faithful = DiffusionInpainter(faithful_cfg)
-        partial = args.faithful_steps != PAPER_STEPS or (0 < args.faithful_slices < n_slices)
-        if partial:
-            faithful.infer.steps = args.faithful_steps
-            t_faithful = time_partial(faithful, data, seed, args.faithful_slices or None)
-            note = f"EXTRAPOLATED from {args.faithful_steps} steps x {args.faithful_slices or n_slices} slices"
-            lines.append(row("faithful ddpm-1000 b16 fp32", t_faithful, {}, peak_rss_gb(), note))
-            show()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.random_preset:
+            weights = random_weights(args.random_preset, Path(tmp))
+            loud(f"RANDOM {args.random_preset} weights: timings are real, quality numbers are meaningless")
         else:
-            t_faithful, out_faithful = time_full(faithful, data, seed)
-            quality_faithful = quality(data, out_faithful)
-            lines.append(row("faithful ddpm-1000 b16 fp32", t_faithful, quality_faithful, peak_rss_gb()))
-            show()
-
-    if t_faithful is not None:
-        label = " (faithful time EXTRAPOLATED)" if partial else ""
-        print(f"speed ratio faithful/default: {t_faithful / t_default:.1f}x{label}")
-        if not partial and "ssim" in quality_default and "ssim" in quality_faithful:
-            gap = quality_default["ssim"] - quality_faithful["ssim"]
-            print(f"SSIM default - faithful: {gap:+.4f} (target: >= -0.01)")
-    print(f"peak RSS after the default path: {rss_default:.2f} GB (whole process; target <= 3 GB on CPU)")
-    tmp.cleanup()
+            weights = resolve_weights(args.weights)
+        if args.validation:
+            validation(args, weights)
+            return 0
+        case = args.case or build_case(args.data_root, args.subject, args.seed, args.mask_cm3, Path(tmp) / "cases")
+        if case is None:
+            return 0
+        single_case(args, weights, case)
     return 0
 
 
