@@ -184,8 +184,10 @@ def evaluate_arm(arm: str, params: dict, val: Validation, args) -> list[dict]:
     seen = {int(r["step"]) for r in rows}
     infer = dict(params.get("infer", {}))
     batch = int(params["train"]["batch_size"])
-    for step, path, cpu in exports_of(run):
-        if step in seen or (args.eval_every and step % args.eval_every):
+    exports = exports_of(run)
+    for step, path, cpu in exports:
+        thinned = args.eval_every and step % args.eval_every and step != exports[-1][0]  # always the last
+        if step in seen or thinned:
             continue
         t0 = time.time()
         scores = val.weights(path, infer, args.threads)

@@ -92,3 +92,19 @@ def test_overwrites_existing_png(tmp_path):
     png.write_bytes(b"stale")
     write_qa_report(data, output, png)
     assert Image.open(png).format == "PNG"
+
+
+def test_comparison_has_a_column_per_volume_and_outlines_only_the_first():
+    from brainpaint.report import render_comparison
+
+    brain = synth.make_brain(SHAPE, seed=3)
+    mask = synth.make_mask(SHAPE, centre=(20, 26, 9), radius=4).astype(bool)
+    volumes = {"voided": brain * ~mask, "a": brain, "b": np.zeros_like(brain)}
+    image = np.asarray(render_comparison(volumes, mask, (0.0, float(brain.max())), margin=5, scale=2))
+    side = 2 * (2 * 4 + 1 + 2 * 5)  # mask extent plus margins, enlarged twice
+    assert image.shape[1] == 3 * side + 2 * GAP
+    red = np.all(image == OUTLINE_RGB, axis=2)
+    columns = [red[:, i * (side + GAP): i * (side + GAP) + side] for i in range(3)]
+    assert columns[0].any() and not columns[1].any() and not columns[2].any()
+    third = image[16:16 + side, 2 * (side + GAP): 2 * (side + GAP) + side]
+    assert third.max() == 0  # the all-zero volume is black

@@ -123,3 +123,41 @@ def write_qa_report(data, output_volume: np.ndarray, png_path: Path) -> None:
     png_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(png_path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def render_comparison(volumes: dict, mask: np.ndarray, window: tuple[float, float], margin: int = 24,
+                      scale: int = 2) -> Image.Image:
+    """Side-by-side panels, one row per view (axial, coronal, sagittal through the mask's
+    centre) and one column per named volume, cut to the mask plus `margin` voxels and enlarged
+    `scale` times; the mask outline is drawn on the first column only, so every other panel
+    shows its tissue unmarked. Names are written above their columns."""
+    from PIL import ImageDraw
+
+    mask = np.asarray(mask, dtype=bool)
+    centre = mask_centre(mask)
+    idx = np.argwhere(mask) if mask.any() else np.array([centre])
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, mask.shape)
+    region = tuple(slice(a, b) for a, b in zip(lo, hi))
+    local = tuple(int(c - a) for c, a in zip(centre, lo))
+    rows = []
+    for view in VIEWS:
+        edge = _outline(_plane(mask[region], view, local))
+        row = []
+        for i, volume in enumerate(volumes.values()):
+            grey = _to_grey(_plane(np.asarray(volume)[region], view, local), *window)
+            rgb = np.repeat(grey[..., None], 3, axis=2)
+            if i == 0:
+                rgb[edge] = OUTLINE_RGB
+            image = Image.fromarray(rgb, mode="RGB")
+            row.append(image.resize((image.width * scale, image.height * scale), resample=Image.NEAREST))
+        rows.append(row)
+    grid = compose(rows)
+    header = 16
+    canvas = Image.new("RGB", (grid.width, grid.height + header))
+    canvas.paste(grid, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    cell = (grid.width + GAP) // len(volumes)
+    for i, name in enumerate(volumes):
+        draw.text((i * cell + 4, 2), str(name), fill=(255, 255, 255))
+    return canvas
