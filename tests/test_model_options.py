@@ -76,10 +76,31 @@ def test_min_snr_weights_are_min_snr_over_the_targets_own_scale():
 def test_terminal_fraction_puts_that_share_of_samples_at_the_last_step():
     torch.manual_seed(0)
     diff = GaussianDiffusion(Config.from_dict({"diffusion": {"terminal_fraction": 0.25}}).diffusion)
-    t = diff.sample_timesteps(20000, "cpu")
-    share = float((t == 999).float().mean())
-    assert abs(share - (0.25 + 0.75 / 1000)) < 0.015
+    t, terminal = diff.sample_timesteps(20000, "cpu")
+    assert abs(float(terminal.float().mean()) - 0.25) < 0.015 and bool((t[terminal] == 999).all())
     assert abs(float((t < 500).float().mean()) - 0.375) < 0.015
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_terminal_samples_see_a_zero_input_and_learn_the_mean(prediction):
+    """With x_t = 0 (what temperature-0 sampling feeds first) the target holds x0 itself."""
+    diff = GaussianDiffusion(Config.from_dict({"diffusion": {"terminal_fraction": 1.0, "prediction": prediction}}).diffusion)
+    x0 = torch.rand(3, 1, 8, 8) - 0.5
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t):
+            seen["xt"], seen["t"] = x[:, -1:], t
+            xt = x[:, -1:]
+            target = diff.prediction_target(x0, (xt - diff.extract(diff.sqrt_alphas_cumprod, t, x0) * x0)
+                                            / diff.extract(diff.sqrt_one_minus_alphas_cumprod, t, x0), t)
+            return torch.cat([target, torch.zeros_like(target)], 1)
+
+    terms = diff.training_losses(Spy(), x0, torch.zeros(3, 2, 8, 8))
+    assert torch.equal(seen["xt"], torch.zeros_like(x0)) and bool((seen["t"] == 999).all())
+    assert float(terms["mse"]) < 1e-10  # the spy outputs exactly the target of a zero input
+    torch.testing.assert_close(diff.x0_from_prediction(Spy()(torch.zeros(3, 3, 8, 8), seen["t"])[:, :1],
+                                                       torch.zeros_like(x0), seen["t"]), x0, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- mirror

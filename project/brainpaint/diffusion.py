@@ -232,13 +232,15 @@ class GaussianDiffusion:
             weight = weight / (snr + 1.0)
         return weight.float()
 
-    def sample_timesteps(self, n: int, device) -> torch.Tensor:
-        """Uniform training timesteps, a ``terminal_fraction`` share of them replaced by T - 1."""
+    def sample_timesteps(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training timesteps: uniform, a ``terminal_fraction`` share of them replaced by T - 1
+        with a zero x_t (the second tensor marks those), the input of one-step sampling."""
         t = torch.randint(0, self.num_timesteps, (n,), device=device)
+        terminal = torch.zeros(n, dtype=torch.bool, device=device)
         if self.terminal_fraction > 0:
             terminal = torch.rand(n, device=device) < self.terminal_fraction
             t = torch.where(terminal, torch.full_like(t, self.num_timesteps - 1), t)
-        return t
+        return t, terminal
 
     # ------------------------------------------------------------------ reverse process
     def _split_output(self, out: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -293,14 +295,23 @@ class GaussianDiffusion:
         """Hybrid loss for one batch: dict(loss, mse, vb) of scalar batch means.
 
         ``t`` defaults to `sample_timesteps`, ``noise`` to standard normal noise. ``mse`` is the
-        (weighted) MSE of the prediction type: on eps, x0 or v.
+        (weighted) MSE of the prediction type: on eps, x0 or v. Terminal samples (see
+        `sample_timesteps`) see x_t = 0, exactly what sampling from temperature 0 feeds the
+        network first: their target is what x_t = 0 implies (the noise -alpha / sigma x0), so
+        for every prediction type the network learns the conditional mean of x0 there.
         """
         b = x0.shape[0]
+        terminal = torch.zeros(b, dtype=torch.bool, device=x0.device)
         if t is None:
-            t = self.sample_timesteps(b, x0.device)
+            t, terminal = self.sample_timesteps(b, x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
+        if terminal.any():
+            zero = terminal.view(-1, *([1] * (x0.ndim - 1)))
+            xt = torch.where(zero, torch.zeros_like(xt), xt)
+            implied = -self.extract(self.sqrt_alphas_cumprod, t, x0) / self.extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            noise = torch.where(zero, implied, noise)
         out = self._model_output(model, cond, xt, t).float()
         pred, v = self._split_output(out, xt)
         mse = _mean_flat((self.prediction_target(x0, noise, t) - pred) ** 2) * self.loss_weights(t)

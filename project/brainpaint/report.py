@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .atomic import atomic_write
@@ -131,8 +131,6 @@ def render_comparison(volumes: dict, mask: np.ndarray, window: tuple[float, floa
     centre) and one column per named volume, cut to the mask plus `margin` voxels and enlarged
     `scale` times; the mask outline is drawn on the first column only, so every other panel
     shows its tissue unmarked. Names are written above their columns."""
-    from PIL import ImageDraw
-
     mask = np.asarray(mask, dtype=bool)
     centre = mask_centre(mask)
     idx = np.argwhere(mask) if mask.any() else np.array([centre])
