@@ -74,12 +74,16 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def arm_parameters(arm: str, cpu_minutes: float) -> dict:
+def arm_parameters(arm: str, cpu_minutes: float) -> tuple[dict, dict]:
+    """(brainpaint settings, study settings) of an arm. An arm file may carry a `study:` section
+    for the study itself (`eval_every`: score only exports at multiples of this step, e.g. for
+    an arm whose sampler is slow); everything else is ordinary configuration."""
     base = yaml.safe_load((STUDY / "base.yaml").read_text())
     params = deep_merge(base, yaml.safe_load((STUDY / f"{arm}.yaml").read_text()) or {})
+    study = params.pop("study", None) or {}
     params.setdefault("train", {})["max_cpu_minutes"] = float(cpu_minutes)
     Config.from_dict(params)  # fail early on a typo
-    return params
+    return params, study
 
 
 def cpu_minutes_done(run: Path) -> float:
@@ -178,7 +182,7 @@ def exports_of(run: Path) -> list[tuple[int, Path, float]]:
     return found
 
 
-def evaluate_arm(arm: str, params: dict, val: Validation, args) -> list[dict]:
+def evaluate_arm(arm: str, params: dict, val: Validation, args, eval_every: int = 0) -> list[dict]:
     run = args.out / arm
     rows = read_csv(run / "eval.csv")
     seen = {int(r["step"]) for r in rows}
@@ -186,7 +190,8 @@ def evaluate_arm(arm: str, params: dict, val: Validation, args) -> list[dict]:
     batch = int(params["train"]["batch_size"])
     exports = exports_of(run)
     for step, path, cpu in exports:
-        thinned = args.eval_every and step % args.eval_every and step != exports[-1][0]  # always the last
+        stride = eval_every or args.eval_every
+        thinned = stride and step % stride and step != exports[-1][0]  # always the last
         if step in seen or thinned:
             continue
         t0 = time.time()
@@ -284,10 +289,10 @@ def main(argv=None) -> int:
     harmonic = val.harmonic()
     print(f"harmonic fill: SSIM {harmonic['ssim']:.4f} PSNR {harmonic['psnr']:.2f}", flush=True)
     for arm in arms:
-        params = arm_parameters(arm, args.cpu_minutes)
+        params, study = arm_parameters(arm, args.cpu_minutes)
         if not args.report_only:
             train_arm(arm, params, args)
-            evaluate_arm(arm, params, val, args)
+            evaluate_arm(arm, params, val, args, int(study.get("eval_every", 0)))
         report(arms, harmonic, args)
     return 0
 

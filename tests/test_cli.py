@@ -42,7 +42,7 @@ def test_every_option_has_help_and_shows_its_default(command):
 def test_help_is_wider_than_80_columns_without_a_terminal():
     text = _run("infer", "--help", env={"COLUMNS": "80"}).stdout
     assert max(len(line) for line in text.splitlines()) > 80
-    assert "--parameters-file, --parameters_file" in text and "[default: 16]" in text
+    assert "--parameters-file, --parameters_file" in text and "[default: 1]" in text
 
 
 @pytest.mark.parametrize(

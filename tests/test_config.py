@@ -78,7 +78,7 @@ def test_prepare_options_go_through_the_configuration(tmp_path, capsys):
 def test_the_built_in_infer_settings_are_the_shipped_sampler():
     """Without a parameters file, inference runs the sampler the README benchmarks."""
     infer = InferConfig()
-    assert (infer.method, infer.sampler, infer.steps, infer.eta) == ("diffusion", "ddim", 16, 0.0)
+    assert (infer.method, infer.sampler, infer.steps, infer.eta, infer.tile) == ("diffusion", "ddim", 1, 0.0, True)
     assert (infer.temperature, infer.ensemble, infer.smoothing_sigma) == (0.0, 1, 1.075)
     assert (infer.noise_correlation, infer.batch_slices, infer.device, infer.seed) == (0.0, 64, "auto", 0)
 

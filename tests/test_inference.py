@@ -289,7 +289,7 @@ def test_cli_temperature_and_sampler_options(tmp_path, weights):
 def test_parameters_overridden_by_the_weights_are_named_in_one_warning(tmp_path, capsys):
     weights = write_weights(tmp_path / "h.safetensors", prior="harmonic", context_slices=1)
     params = {"model": {"preset": "tiny", "context_slices": 0}, "data": {"prior": "harmonic", "flip_prob": 0.1},
-              "infer": {"weights": str(weights), "device": "cpu"}}
+              "infer": {"weights": str(weights), "device": "cpu", "steps": 4}}
     capsys.readouterr()
     inpainter = DiffusionInpainter(Config.from_dict(params))
     assert inpainter.data_cfg.prior == "harmonic" and inpainter.context == 1  # the weights' own settings

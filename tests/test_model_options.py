@@ -251,6 +251,23 @@ def test_batch_size_does_not_change_the_output_at_temperature_one(tmp_path):
         "weights": str(w), "device": "cpu", "sampler": "ddpm", "steps": 4, "temperature": 1.0}}))(data, seed=8).volume)
 
 
+def test_eps_weights_run_16_steps_unless_the_steps_are_chosen(tmp_path, capsys):
+    """The default one step is the conditional mean of x0/v weights; eps weights get 16 steps,
+    said in one line, and an explicit `infer.steps` is always obeyed."""
+    eps = write_weights(tmp_path / "eps.safetensors", crop_size=16)
+    x0 = write_weights(tmp_path / "x0.safetensors", crop_size=16, prediction="x0")
+    default = DiffusionInpainter(Config.from_dict({"infer": {"weights": str(eps), "device": "cpu"}}))
+    assert default.infer.steps == 16 and Config().infer.steps == 1
+    err = capsys.readouterr().err
+    assert "predict eps" in err and "running 16 ddim steps" in err
+    chosen = DiffusionInpainter(Config.from_dict({"infer": {"weights": str(eps), "device": "cpu", "steps": 1}}))
+    assert chosen.infer.steps == 1 and "predict eps" not in capsys.readouterr().err
+    assert DiffusionInpainter(Config.from_dict({"infer": {"weights": str(x0), "device": "cpu"}})).infer.steps == 1
+    from brainpaint.batch import settings_lines
+
+    assert "16 steps" in settings_lines(default.cfg, default)[0]
+
+
 def test_weights_files_without_the_new_settings_load_as_eps_models(tmp_path):
     w = write_weights(tmp_path / "w.safetensors")
     with safe_open(str(w), "pt") as f:

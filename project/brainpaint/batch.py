@@ -216,7 +216,7 @@ def _setup_predictor(cfg: Config) -> Predictor:
 def settings_lines(cfg: Config, predictor: Optional[Predictor]) -> list[str]:
     """What runs, in one or two lines: the sampler settings, then the device and weights file
     of the predictor that was built (none is built when every case is already done)."""
-    inf = cfg.infer
+    inf = getattr(predictor, "infer", None) or cfg.infer  # what the predictor runs (eps weights: more steps)
     if inf.method == "harmonic":
         return ["infer: method harmonic (classical 3D fill, no network), device cpu"]
     lines = [

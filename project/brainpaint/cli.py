@@ -77,7 +77,7 @@ def infer(
     ),
     method: Optional[str] = _setting(INFER, "method", "diffusion | harmonic (classical fill, no network)."),
     sampler: Optional[str] = _setting(INFER, "sampler", "ddim | dpm2m | ddpm."),
-    steps: Optional[int] = _setting(INFER, "steps", "Sampling steps (ddpm with 1000 is the paper's path)."),
+    steps: Optional[int] = _setting(INFER, "steps", "Sampling steps (1: the conditional mean of x0/v weights; eps weights default to 16; ddpm with 1000 is the paper's path)."),
     ensemble: Optional[int] = _setting(INFER, "ensemble", "Samples averaged per case (with temperature > 0)."),
     temperature: Optional[float] = _setting(
         INFER, "temperature", "Noise scale: 0 = one deterministic fill near the conditional mean, 1 = samples."

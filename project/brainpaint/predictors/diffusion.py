@@ -23,6 +23,7 @@ path; `ddim` (or respaced `ddpm`) with few steps is the fast default.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -59,6 +60,23 @@ def warn_overridden(cfg: Config, weights_cfg: Config, weights) -> list[str]:
     return keys
 
 
+# Sampler steps of eps-prediction weights when the parameters leave `infer.steps` at its default
+# (1, the conditional mean of x0/v weights): one step from x_T = 0 cannot reach it through eps.
+EPS_STEPS = 16
+
+
+def eps_steps(cfg: Config, weights_cfg: Config, weights):
+    """The infer settings to run: `cfg.infer`, with EPS_STEPS steps for eps weights unless the
+    parameters chose the steps (said in one line)."""
+    inf = cfg.infer
+    few = inf.steps < EPS_STEPS and "infer.steps" not in cfg.explicit
+    if weights_cfg.diffusion.prediction != "eps" or not few:
+        return inf
+    warn(f"the weights {weights} predict eps, which needs more than {inf.steps} step(s): "
+         f"running {EPS_STEPS} {inf.sampler} steps (set infer.steps to choose)")
+    return dataclasses.replace(inf, steps=EPS_STEPS)
+
+
 # --------------------------------------------------------------------------- the diffusion predictor
 class DiffusionInpainter:
     """Predictor `(data: CaseData, seed: int) -> Prediction` backed by a trained diffusion model.
@@ -79,6 +97,7 @@ class DiffusionInpainter:
         except Exception as exc:  # corrupt file, wrong metadata: one clear line
             raise InferenceSetupError(f"cannot load weights {self.weights}: {exc}") from exc
         warn_overridden(cfg, self.model_cfg, self.weights)
+        self.infer = eps_steps(cfg, self.model_cfg, self.weights)
         self.diffusion = GaussianDiffusion(self.model_cfg.diffusion)
         if self.infer.steps > self.diffusion.num_timesteps:
             raise InferenceSetupError(
