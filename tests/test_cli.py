@@ -89,7 +89,7 @@ def test_a_run_says_what_it_runs_and_how_each_case_ended(tmp_path):
 def test_the_diffusion_settings_line_names_sampler_device_and_weights(tmp_path):
     from brainpaint.batch import settings_lines
 
-    cfg = Config().override({"infer.steps": 8, "infer.temperature": 1, "infer.ensemble": 4})
+    cfg = Config().override({"infer.steps": 8, "infer.temperature": 1, "infer.ensemble": 4, "infer.smoothing_sigma": 1.075})
 
     class Built:
         device, weights = "cpu", tmp_path / "model.safetensors"

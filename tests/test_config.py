@@ -79,8 +79,8 @@ def test_the_built_in_infer_settings_are_the_shipped_sampler():
     """Without a parameters file, inference runs the sampler the README benchmarks."""
     infer = InferConfig()
     assert (infer.method, infer.sampler, infer.steps, infer.eta, infer.tile) == ("diffusion", "ddim", 1, 0.0, True)
-    assert (infer.temperature, infer.ensemble, infer.smoothing_sigma) == (0.0, 1, 1.075)
-    assert (infer.noise_correlation, infer.batch_slices, infer.device, infer.seed) == (0.0, 64, "auto", 0)
+    assert (infer.temperature, infer.ensemble, infer.smoothing_sigma) == (0.0, 1, 0.0)
+    assert (infer.noise_correlation, infer.batch_slices, infer.device, infer.seed) == (0.0, 8, "auto", 0)
 
 
 def test_the_shipped_parameters_file_overrides_nothing():
