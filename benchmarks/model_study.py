@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "configs" / "study"
 # Arms in the order they run, with the one-line description the table shows.
 ARMS = {
-    "eps_64": "paper target (eps), 64-px crops, harmonic prior (the shipped recipe)",
+    "eps_64": "paper target (eps), 64-px crops, harmonic prior (the earlier shipped recipe)",
     "x0_64": "x0 target",
     "x0_128": "x0 target, 128-px crops",
     "x0_128_mirror": "x0, 128-px crops, mirrored hemisphere channel",
