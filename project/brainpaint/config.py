@@ -291,7 +291,7 @@ class InferConfig(_Section):
     eta: float = setting(0.0, ge=0)
     ensemble: int = setting(1, ge=1)  # samples averaged per case (only useful with temperature > 0)
     # Slices per network batch; 0 = all masked slices of a volume at once. 8 is the fastest and
-    # leanest on CPU (64: 1.3x slower per volume, 1.8x the peak memory; benchmarks/bench_infer.py).
+    # leanest on CPU (64: 1.3x the time per volume, 3x the peak memory; README, CPU inference).
     batch_slices: int = setting(8, ge=0)
     crop_margin: int = setting(16, ge=0)  # voxels around the mask kept in the in-plane crop (crop models)
     # Crop models: cover the mask with windows of exactly the training crop size, blended where
