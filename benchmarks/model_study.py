@@ -28,7 +28,6 @@ Without the prepared data (`brainpaint prepare`, see README) the script says so 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import os
 import subprocess
@@ -41,7 +40,7 @@ import torch
 import yaml
 
 from brainpaint.brats_io import discover_cases, load_case
-from brainpaint.config import Config
+from brainpaint.config import Config, merge_parameters
 from brainpaint.evaluate import official_metrics
 from brainpaint.checkpoints import list_checkpoints
 from brainpaint.dataset import prior_cache
@@ -64,22 +63,12 @@ ARMS = {
 EVAL_FIELDS = ["arm", "step", "cpu_minutes", "slices_seen", "ssim", "psnr", "mse", "ssim_std", "psnr_std", "mse_std", "seconds"]
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (over or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def arm_parameters(arm: str, cpu_minutes: float) -> tuple[dict, dict]:
     """(brainpaint settings, study settings) of an arm. An arm file may carry a `study:` section
     for the study itself (`eval_every`: score only exports at multiples of this step, e.g. for
     an arm whose sampler is slow); everything else is ordinary configuration."""
     base = yaml.safe_load((STUDY / "base.yaml").read_text())
-    params = deep_merge(base, yaml.safe_load((STUDY / f"{arm}.yaml").read_text()) or {})
+    params = merge_parameters(base, yaml.safe_load((STUDY / f"{arm}.yaml").read_text()) or {})
     study = params.pop("study", None) or {}
     params.setdefault("train", {})["max_cpu_minutes"] = float(cpu_minutes)
     Config.from_dict(params)  # fail early on a typo

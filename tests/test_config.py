@@ -1,6 +1,8 @@
 """The typed configuration: values coerced to their declared types and checked once, at load."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -88,3 +90,41 @@ def test_the_shipped_parameters_file_overrides_nothing():
 
     shipped = Config.load(Path(__file__).resolve().parents[1] / "workspace" / "parameters.yaml")
     assert shipped.to_dict() == Config().to_dict() and not shipped.explicit
+
+
+def test_a_parameters_file_extends_another_section_by_section(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "root.yaml").write_text("model:\n  preset: tiny\ntrain:\n  lr: 1.0e-4\n  batch_size: 4\n")
+    (tmp_path / "base" / "mid.yaml").write_text("extends: root.yaml\ntrain:\n  batch_size: 2\n")
+    (tmp_path / "leaf.yaml").write_text("extends: base/mid.yaml\ntrain:\n  lr: 3.0e-4\ninfer:\n  steps: 4\n")
+    cfg = Config.load(tmp_path / "leaf.yaml")
+    assert (cfg.model.preset, cfg.train.lr, cfg.train.batch_size, cfg.infer.steps) == ("tiny", 3e-4, 2, 4)
+    assert cfg.explicit == {"model.preset", "train.lr", "train.batch_size", "infer.steps"}
+
+
+def test_the_fine_tune_recipe_is_the_base_recipe_plus_its_changes():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    base, tune = Config.load(configs / "x0_mirror.yaml"), Config.load(configs / "x0_mirror_ft.yaml")
+    changed = {
+        f"{section}.{key}"
+        for section, values in tune.to_dict().items()
+        for key, value in values.items()
+        if base.to_dict()[section][key] != value
+    }
+    assert changed == {"diffusion.terminal_fraction", "train.lr_schedule", "train.warmup_steps",
+                       "train.init_weights", "train.max_cpu_minutes"}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("extends: missing.yaml\n", "cannot read parameters file .*missing.yaml"),
+        ("extends: loop.yaml\n", "'extends: loop.yaml' makes a cycle"),
+        ("extends: [a, b]\n", "'extends' must name another parameters file"),
+    ],
+)
+def test_a_bad_extends_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "loop.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        Config.load(path)

@@ -9,11 +9,15 @@ float) and checks it; the first problem is a ConfigError naming `section.key` an
 wrong. Unknown sections and keys are errors too, so a typo never passes silently. The rest of
 the package reads settings as they are: an `int` setting is an int.
 
+A file may start from another with a top-level `extends: <file>` and list only what it changes
+(`configs/x0_mirror_ft.yaml` extends `configs/x0_mirror.yaml`).
+
 `Config.explicit` holds the `section.key` names that a file or an override set, so a consumer
 can tell a chosen value from a default (inference warns when the weights file overrides one).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -383,18 +387,12 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path | None) -> "Config":
+        """Read a parameters file. A file may start from another one with a top-level
+        `extends: <file>` (relative to its own folder): it then only lists what it changes,
+        section by section, over the file it extends (which may extend another in turn)."""
         if path is None:
             return cls()
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read parameters file {path}: {exc.strerror}") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"parameters file {path} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_parameters(Path(path)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -413,6 +411,43 @@ class Config:
         cfg = Config.from_dict(data)
         cfg.explicit = self.explicit | frozenset(dotted)
         return cfg
+
+
+EXTENDS = "extends"
+
+
+def merge_parameters(base: dict, over: dict) -> dict:
+    """`over` laid over `base`: sections merge key by key, any other value replaces."""
+    out = copy.deepcopy(base)
+    for key, value in (over or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_parameters(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_parameters(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The `{section: {key: value}}` of a parameters file, with its `extends:` chain resolved."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read parameters file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"parameters file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict) or EXTENDS not in data:
+        return data
+    data = dict(data)
+    parent = data.pop(EXTENDS)
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"parameters file {path}: '{EXTENDS}' must name another parameters file")
+    parent_path = (path.parent / parent).resolve()
+    chain = _chain + (path.resolve(),)
+    if parent_path in chain:
+        raise ConfigError(f"parameters file {path}: '{EXTENDS}: {parent}' makes a cycle")
+    return merge_parameters(read_parameters(parent_path, chain) or {}, data)
 
 
 def model_config_yaml(cfg: Config) -> str:
