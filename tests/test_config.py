@@ -128,3 +128,14 @@ def test_a_bad_extends_is_one_clear_error(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         Config.load(path)
+
+
+def test_the_shipped_weights_compute_what_the_last_recipe_stage_describes():
+    from brainpaint.config import model_config_yaml
+    from brainpaint.weights import read_metadata
+
+    repo = Path(__file__).resolve().parents[1]
+    saved = yaml.safe_load(read_metadata(repo / "workspace" / "additional_files" / "model.safetensors")["config"])
+    recipe = Config.load(repo / "configs" / "x0_ctx2.yaml")
+    assert recipe.model.context_slices == 2 and recipe.train.init_weights == "runs/x0_ctx/model.safetensors"
+    assert saved == yaml.safe_load(model_config_yaml(recipe))
