@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from brainpaint import prepare
-from brainpaint.config import Config, InferConfig
+from brainpaint.config import Config, InferConfig, model_config_yaml
 from brainpaint.errors import ConfigError
+from brainpaint.weights import read_metadata
 
 
 def test_yaml_values_are_coerced_to_the_declared_types(tmp_path):
@@ -104,12 +105,13 @@ def test_a_parameters_file_extends_another_section_by_section(tmp_path):
 
 def test_the_fine_tune_recipe_is_the_base_recipe_plus_its_changes():
     configs = Path(__file__).resolve().parents[1] / "configs"
-    base, tune = Config.load(configs / "x0_mirror.yaml"), Config.load(configs / "x0_mirror_ft.yaml")
+    base = Config.load(configs / "x0_mirror.yaml").to_dict()
+    tune = Config.load(configs / "x0_mirror_ft.yaml").to_dict()
     changed = {
         f"{section}.{key}"
-        for section, values in tune.to_dict().items()
+        for section, values in tune.items()
         for key, value in values.items()
-        if base.to_dict()[section][key] != value
+        if base[section][key] != value
     }
     assert changed == {"diffusion.terminal_fraction", "train.lr_schedule", "train.warmup_steps",
                        "train.init_weights", "train.max_cpu_minutes"}
@@ -131,9 +133,6 @@ def test_a_bad_extends_is_one_clear_error(tmp_path, text, message):
 
 
 def test_the_shipped_weights_compute_what_the_last_recipe_stage_describes():
-    from brainpaint.config import model_config_yaml
-    from brainpaint.weights import read_metadata
-
     repo = Path(__file__).resolve().parents[1]
     saved = yaml.safe_load(read_metadata(repo / "workspace" / "additional_files" / "model.safetensors")["config"])
     recipe = Config.load(repo / "configs" / "x0_ctx2.yaml")
