@@ -1,11 +1,17 @@
 """Samplers against saved reference trajectories: refactoring the sampling loop must not change
-a single bit of what it draws.
+what it draws.
 
 `tests/data/sampler_reference.pt` holds the outputs of `GaussianDiffusion.sample` for the cases
 below, made with the if/elif sampling loop that preceded the pluggable samplers
 (`python tests/test_sampler_reference.py` rewrites it from the current code). The network is a
 fixed elementwise function of its input, so the outputs do not depend on convolution kernels
-or thread counts. RePaint mixing is covered at temperature 1 only: at other temperatures the
+or thread counts. They are bit-identical on the machine that wrote the reference, but not on
+every CPU: the transcendental functions under the noise draws and the schedule (SIMD log,
+sin, cos, exp) may round the last bit differently, and the reverse steps amplify such a
+difference (one ulp in every noise draw moves outputs by up to 6e-6; an AMD EPYC differs from
+the reference by up to 2e-7). Outputs must therefore agree to ATOL = 1e-5, while a schedule
+off by 1e-3 (relative) or a changed noise order moves every case by far more (checked below,
+so the tolerance cannot hide a real change). RePaint mixing is covered at temperature 1 only: at other temperatures the
 known region's noise was scaled by the temperature, which was a defect and has changed since.
 """
 from __future__ import annotations
@@ -20,6 +26,7 @@ from brainpaint.config import DiffusionConfig
 from brainpaint.diffusion import GaussianDiffusion
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "sampler_reference.pt"
+ATOL = 1e-5  # outputs lie in [-1, 1]; about 100 float32 ulps at 1
 
 
 class _Elementwise(nn.Module):
@@ -86,13 +93,39 @@ def run_case(name: str) -> torch.Tensor:
     )
 
 
-def test_every_sampler_reproduces_its_reference_bit_for_bit():
+def _max_difference(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out - ref).abs().max().item()
+
+
+def test_every_sampler_reproduces_its_reference():
     reference = torch.load(REFERENCE, weights_only=True)
     assert sorted(reference) == sorted(CASES)
     for name in CASES:
         out = run_case(name)
         assert out.dtype == torch.float32 and out.shape == (2, 1, 8, 8)
-        assert torch.equal(out, reference[name]), f"{name}: max difference {(out - reference[name]).abs().max()}"
+        assert _max_difference(out, reference[name]) <= ATOL, f"{name}: max difference {_max_difference(out, reference[name])}"
+
+
+def test_the_tolerance_still_catches_a_changed_schedule_or_noise_order(monkeypatch):
+    reference = torch.load(REFERENCE, weights_only=True)
+    this = sys.modules[__name__]
+
+    config = DiffusionConfig
+    monkeypatch.setattr(this, "DiffusionConfig", lambda **kw: config(beta_end=0.02 * 1.001, **kw))
+    for name in CASES:
+        assert _max_difference(run_case(name), reference[name]) > 10 * ATOL, name
+    monkeypatch.undo()
+
+    def flipped(shape, generator):  # the same draws, in the other order along the batch
+        return torch.randn(shape, generator=generator).flip(0)
+
+    for name in ("ddpm", "ddim_eta05", "dpm2m"):
+        kwargs = dict(CASES[name], noise_fn=flipped)
+        cond, _, _ = _inputs()
+        out = GaussianDiffusion(DiffusionConfig()).sample(
+            _Elementwise(), cond, generator=torch.Generator().manual_seed(7), **kwargs
+        )
+        assert _max_difference(out, reference[name]) > 10 * ATOL, name
 
 
 if __name__ == "__main__":
