@@ -110,3 +110,23 @@ def test_impossible_requests_fail_clearly(brain):
         masks.generate_masks(brain, 1, seed=0, volume_range_cm3=RANGE, avoid=brain)
     with pytest.raises(ValueError, match="shape"):
         masks.generate_masks(brain, 1, seed=0, avoid=np.zeros((3, 3, 3), bool))
+
+
+def test_uniform_placement_reaches_nearer_the_edge_and_keeps_the_rules(brain):
+    central = masks.generate_mask_details(brain, 16, seed=3, volume_range_cm3=RANGE)
+    explicit = masks.generate_mask_details(brain, 16, seed=3, volume_range_cm3=RANGE, placement="central")
+    uniform = masks.generate_mask_details(brain, 16, seed=3, volume_range_cm3=RANGE, placement="uniform")
+    for a, b in zip(central, explicit):  # the default is central
+        np.testing.assert_array_equal(a.mask, b.mask)
+    depth = ndimage.distance_transform_edt(brain)  # voxels from the brain's edge
+
+    def mean_depth(found):
+        return float(np.mean([depth[g.mask].mean() for g in found]))
+
+    assert mean_depth(uniform) < mean_depth(central) - 0.5
+    assert np.mean([g.brain_overlap for g in uniform]) < np.mean([g.brain_overlap for g in central])
+    for g in uniform:
+        assert g.brain_overlap >= masks.MIN_BRAIN_OVERLAP and not (g.mask & ~brain).any()
+        assert int(RANGE[0] * 1000) <= g.volume_voxels <= int(RANGE[1] * 1000)
+    with pytest.raises(ValueError, match="unknown placement 'edge'"):
+        masks.generate_mask_details(brain, 1, seed=3, volume_range_cm3=RANGE, placement="edge")

@@ -193,3 +193,17 @@ def test_cli_rejects_unknown_val_subject(tmp_path):
     )
     assert result.exit_code == 2
     assert "sub-5" in result.output and not (tmp_path / "o").exists()
+
+
+def test_placement_is_a_checked_setting_recorded_in_the_manifest(tmp_path):
+    (tmp_path / "src").mkdir()
+    synth.save(synth.make_brain(synth.SMALL_SHAPE, seed=1), tmp_path / "src" / "sub-01_T1w.nii.gz", dtype=np.int16)
+    result = CliRunner().invoke(
+        app, ["prepare", "--input-path", str(tmp_path / "src"), "--output-path", str(tmp_path / "o"), "--placement", "edge"]
+    )
+    assert result.exit_code == 2 and "prepare.placement" in result.output and not (tmp_path / "o").exists()
+    code = prepare.run_prepare(
+        tmp_path / "src", tmp_path / "u", val_subjects="none", volume_range_cm3=RANGE, placement="uniform"
+    )
+    assert code == 0
+    assert json.loads((tmp_path / "u" / "manifest.json").read_text())["placement"] == "uniform"

@@ -165,16 +165,22 @@ def prepare(
         "'none', or empty for the last seventh (sub-49..sub-56 of the 56 shared brains).", shown="empty",
     ),
     seed: Optional[int] = _setting(PREPARE, "seed", "Seed of the masks."),
+    placement: Optional[str] = _setting(
+        PREPARE, "placement", "Mask centres: 'central' (best brain overlap of 12 candidates) or 'uniform' (any valid position)."
+    ),
 ) -> None:
     """Build BraTS-layout training/validation cases with tumour-shaped healthy masks."""
     options = _config(
         parameters_file,
-        {"prepare.masks_per_subject": masks_per_subject, "prepare.val_subjects": val_subjects, "prepare.seed": seed},
+        {
+            "prepare.masks_per_subject": masks_per_subject, "prepare.val_subjects": val_subjects,
+            "prepare.seed": seed, "prepare.placement": placement,
+        },
     ).prepare
     raise typer.Exit(
         run_prepare(
             input_path, output_path, masks_per_subject=options.masks_per_subject, val_subjects=options.val_subjects,
-            seed=options.seed,
+            seed=options.seed, placement=options.placement,
         )
     )
 

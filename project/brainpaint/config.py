@@ -334,6 +334,9 @@ class PrepareConfig(_Section):
     # Validation subjects: names (sub-49,sub-50), a count N (the last N), "none", or "" (the last seventh).
     val_subjects: str = ""
     seed: int = 0
+    # Mask centres: "central" (the best brain overlap of 12 candidates, as the BraTS organisers
+    # placed theirs) or "uniform" (any valid position: more cortex and insula; masks.py).
+    placement: str = setting("central", choices=("central", "uniform"))
 
 
 SECTIONS = {

@@ -13,7 +13,10 @@ inpaint. Healthy brains have no tumours to borrow shapes from, so this module dr
 * **Placement** (as the BraTS organisers did): several candidate centres are drawn among brain
   voxels; a candidate is valid when at least `min_brain_overlap` (75 %) of the blob lies in the
   brain and the blob does not touch `avoid` (a lesion, grown by `avoid_margin` voxels). The
-  valid candidate with the largest brain overlap wins.
+  valid candidate with the largest brain overlap wins (`placement="central"`, the default).
+  That favours centres away from the brain's edge, so such masks hold more white matter
+  than the brain does; `placement="uniform"` takes the first valid candidate instead, a
+  uniform draw over the valid positions (cortex, insula and edge included).
 * **Clipping**: with `clip_to_brain` (the default) the returned mask is the blob intersected
   with the brain, and its volume (the one drawn) is measured after that intersection. The
   inpainted region then lies in tissue, which is where the metrics are computed; the overlap
@@ -37,6 +40,7 @@ from .errors import MaskPlacementError
 from .geometry import crop, cube, paste
 
 MIN_BRAIN_OVERLAP = 0.75
+PLACEMENTS = ("central", "uniform")  # best brain overlap of the candidates, or the first valid one
 
 
 @dataclass
@@ -72,8 +76,11 @@ def generate_mask_details(
     clip_to_brain: bool = True,
     min_brain_overlap: float = MIN_BRAIN_OVERLAP,
     avoid_margin: int = 2,
+    placement: str = "central",
 ) -> list[GeneratedMask]:
     """Like `generate_masks`, but returns `GeneratedMask` records (volume, overlap, seed)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement '{placement}' (expected one of {', '.join(PLACEMENTS)})")
     brain = np.asarray(brain_mask).astype(bool, copy=False)
     if brain.ndim != 3:
         raise ValueError(f"brain mask must be 3D, got shape {brain.shape}")
@@ -101,7 +108,7 @@ def generate_mask_details(
     if allowed_centres.size == 0:
         raise MaskPlacementError("no brain voxel is free of the lesion to avoid")
 
-    ctx = _Context(brain, blocked, allowed_centres, lo, hi, candidates, clip_to_brain, min_brain_overlap)
+    ctx = _Context(brain, blocked, allowed_centres, lo, hi, candidates, clip_to_brain, min_brain_overlap, placement)
     child_seeds = np.random.SeedSequence(seed).generate_state(max(n, 0), dtype=np.uint32)
     out = []
     for mask_seed in child_seeds:
@@ -121,6 +128,7 @@ class _Context:
     candidates: int
     clip: bool
     min_overlap: float
+    placement: str = "central"
 
 
 def _draw_mask(ctx: _Context, mask_seed: int, max_rounds: int = 20) -> GeneratedMask:
@@ -139,6 +147,8 @@ def _draw_mask(ctx: _Context, mask_seed: int, max_rounds: int = 20) -> Generated
             trial = _try_position(ctx, field, centre, target)
             if trial is not None and (best is None or trial[0] > best[0]):
                 best = trial
+                if ctx.placement == "uniform":
+                    break
         if best is None:
             continue
         found = _finish(ctx, field, *best[1:])

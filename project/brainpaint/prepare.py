@@ -269,7 +269,7 @@ def write_case(
 
 # --------------------------------------------------------------------------- one subject
 def prepare_subject(
-    subject: Subject, n_masks: int, seed: int, volume_range_cm3=DEFAULT_VOLUME_RANGE_CM3
+    subject: Subject, n_masks: int, seed: int, volume_range_cm3=DEFAULT_VOLUME_RANGE_CM3, placement: str = "central"
 ) -> tuple[Conformed, list[maskgen.GeneratedMask], int]:
     """Load, conform and draw the masks of one subject (raises PrepareError naming the file)."""
     source = subject.path.name
@@ -281,7 +281,9 @@ def prepare_subject(
     conformed = conform(img, source)
     sseed = subject_seed(seed, subject.number)
     try:
-        found = maskgen.generate_mask_details(conformed.brain, n_masks, sseed, volume_range_cm3=volume_range_cm3)
+        found = maskgen.generate_mask_details(
+            conformed.brain, n_masks, sseed, volume_range_cm3=volume_range_cm3, placement=placement
+        )
     except maskgen.MaskPlacementError as exc:
         raise PrepareError(source, f"mask placement failed: {exc}") from exc
     return conformed, found, sseed
@@ -295,6 +297,7 @@ def run_prepare(
     val_subjects: str = "",
     seed: int = 0,
     volume_range_cm3: tuple[float, float] = DEFAULT_VOLUME_RANGE_CM3,
+    placement: str = "central",
 ) -> int:
     """Build the data set (module doc). Returns 0, or 1 if any input failed, 2 for bad arguments.
 
@@ -302,7 +305,9 @@ def run_prepare(
     """
     input_path, output_path = Path(input_path), Path(output_path)
     try:
-        options = PrepareConfig(masks_per_subject=masks_per_subject, val_subjects=val_subjects, seed=seed)
+        options = PrepareConfig(
+            masks_per_subject=masks_per_subject, val_subjects=val_subjects, seed=seed, placement=placement
+        )
         subjects, val = _plan(input_path, options)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -324,6 +329,7 @@ def run_prepare(
         "grid": list(TARGET_SHAPE),
         "seed": options.seed,
         "masks_per_subject": options.masks_per_subject,
+        "placement": options.placement,
         "volume_range_cm3": list(volume_range_cm3),
         "val_subjects": sorted(val, key=_natural_key),
         "cases": cases,
@@ -352,7 +358,9 @@ def _plan(input_path: Path, options: PrepareConfig) -> tuple[list[Subject], set[
 def _write_subject(subject: Subject, split: str, output_path: Path, options: PrepareConfig, volume_range_cm3) -> list[dict]:
     """Write the cases of one subject into `output_path/split`; their manifest entries."""
     other = "train" if split == "val" else "val"
-    conformed, found, sseed = prepare_subject(subject, options.masks_per_subject, options.seed, volume_range_cm3)
+    conformed, found, sseed = prepare_subject(
+        subject, options.masks_per_subject, options.seed, volume_range_cm3, options.placement
+    )
     entries = []
     for k, g in enumerate(found):
         cid = case_id(subject.number, k)
