@@ -135,6 +135,6 @@ def test_a_bad_extends_is_one_clear_error(tmp_path, text, message):
 def test_the_shipped_weights_compute_what_the_last_recipe_stage_describes():
     repo = Path(__file__).resolve().parents[1]
     saved = yaml.safe_load(read_metadata(repo / "workspace" / "additional_files" / "model.safetensors")["config"])
-    recipe = Config.load(repo / "configs" / "x0_ctx2.yaml")
-    assert recipe.model.context_slices == 2 and recipe.train.init_weights == "runs/x0_ctx/model.safetensors"
+    recipe = Config.load(repo / "configs" / "x0_ctx2u.yaml")
+    assert recipe.model.context_slices == 2 and recipe.train.init_weights == "runs/x0_ctx2/model.safetensors"
     assert saved == yaml.safe_load(model_config_yaml(recipe))
