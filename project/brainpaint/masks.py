@@ -128,7 +128,7 @@ class _Context:
     candidates: int
     clip: bool
     min_overlap: float
-    placement: str = "central"
+    placement: str
 
 
 def _draw_mask(ctx: _Context, mask_seed: int, max_rounds: int = 20) -> GeneratedMask:
