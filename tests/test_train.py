@@ -351,6 +351,41 @@ def test_init_weights_widens_a_2d_network_into_a_25d_one_computing_the_same_func
     assert "was trained with model.context_slices=1, the parameters say 0" in capsys.readouterr().err
 
 
+def test_init_weights_deepens_the_middle_of_a_network_computing_the_same_function(tmp_path, data, capsys):
+    shallow = tmp_path / "shallow"
+    assert run_train(_cfg(train={"max_steps": 1}), data, shallow) == 0
+    deep = tmp_path / "deep"
+    cfg_deep = _cfg(model={"extra_middle_blocks": 2}, train={"max_steps": 0, "init_weights": str(shallow / "model.safetensors")})
+    assert run_train(cfg_deep, data, deep) == 0
+    w0, w2 = load_file(str(shallow / "model.safetensors")), load_file(str(deep / "model.safetensors"))
+    new = sorted(set(w2) - set(w0))
+    assert new and all(k.startswith(("middle_block.3.", "middle_block.4.", "middle_block.5.", "middle_block.6.")) for k in new)
+    assert all(torch.equal(w2[k], w0[k]) for k in w0)
+
+    cfg0 = _cfg()
+    net0 = build_unet(cfg0.model, *network_channels(cfg0)).eval()
+    net2 = build_unet(cfg_deep.model, *network_channels(cfg_deep)).eval()
+    net0.load_state_dict(w0)
+    net2.load_state_dict(w2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    t = torch.tensor([5, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(net2(x, t), net0(x, t), rtol=0, atol=0)
+
+    # training moves the new blocks off the identity
+    moved = tmp_path / "moved"
+    cfg_train = _cfg(model={"extra_middle_blocks": 2}, train={"max_steps": 2, "init_weights": str(shallow / "model.safetensors")})
+    assert run_train(cfg_train, data, moved) == 0
+    w_moved = load_file(str(moved / "model.safetensors"))
+    assert any(w_moved[k].abs().sum() > 0 for k in new if "out_layers.3" in k or "proj_out" in k)
+
+    # a deeper network cannot start a shallower one
+    back = _cfg(train={"max_steps": 0, "init_weights": str(deep / "model.safetensors")})
+    assert run_train(back, data, tmp_path / "back") == 1
+    assert "was trained with model.extra_middle_blocks=2, the parameters say 0; a network cannot drop middle blocks" in capsys.readouterr().err
+
+
 def test_shipped_training_configs_load_and_the_budget_arms_differ_only_in_context():
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs, "no training configurations in configs/"

@@ -174,6 +174,10 @@ class ModelConfig(_Section):
     dropout: Optional[float] = setting(None, ge=0, le=1)
     # Neighbouring voided slices (and their masks) given as extra input (2.5D): 0 = plain 2D.
     context_slices: int = setting(0, ge=0)
+    # More (ResBlock, attention) pairs at the lowest resolution, after the preset's middle block:
+    # depth where it is cheap. Each starts as the identity, so trained weights without them
+    # warm-start a network with them (`train.init_weights`).
+    extra_middle_blocks: int = setting(0, ge=0)
 
     def validate(self) -> None:
         if self.channel_mult is not None and not self.channel_mult:

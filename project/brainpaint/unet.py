@@ -3,7 +3,8 @@
 The architecture follows the ablated diffusion U-Net of Dhariwal & Nichol (2021) as used by the
 BraTS 2023 local-synthesis DDPM: a sinusoidal timestep embedding fed through a 2-layer MLP,
 residual blocks (GroupNorm + SiLU + 3x3 conv, embedding added between the two convs), self
-attention at chosen downsampling factors, a res-attn-res middle block, skip connections by
+attention at chosen downsampling factors, a res-attn-res middle block (optionally followed by
+more res-attn pairs, ``extra_middle_blocks``), skip connections by
 concatenation, and zero-initialised output convolutions so every residual branch starts as the
 identity. Down/upsampling is a strided 3x3 conv / nearest upsample + 3x3 conv
 ("conv_resample"), not residual up/down blocks.
@@ -182,6 +183,7 @@ class UNet(nn.Module):
         num_heads: int,
         dropout: float,
         norm_groups: int,
+        extra_middle_blocks: int = 0,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -211,7 +213,10 @@ class UNet(nn.Module):
                 ds *= 2
 
         middle = [ResBlock(ch, emb_channels, ch, dropout, g), AttentionBlock(ch, num_heads, g)]
-        self.middle_block = _Step(middle + [ResBlock(ch, emb_channels, ch, dropout, g)])
+        middle.append(ResBlock(ch, emb_channels, ch, dropout, g))
+        for _ in range(extra_middle_blocks):  # identity at initialisation (zeroed output layers)
+            middle += [ResBlock(ch, emb_channels, ch, dropout, g), AttentionBlock(ch, num_heads, g)]
+        self.middle_block = _Step(middle)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):

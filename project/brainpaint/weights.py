@@ -77,7 +77,9 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
     """Load an exported weights file into a fresh run's model and EMA (`train.init_weights`).
 
     The file must hold the network `cfg` describes; a 2D network may start a 2.5D one (more
-    context slices), whose new input channels start at zero weight (`unet.widen_input_conv`).
+    context slices), whose new input channels start at zero weight (`unet.widen_input_conv`),
+    and a network may gain middle blocks (`model.extra_middle_blocks`), which start as the
+    identity.
     """
     if not weights.is_file():
         raise TrainError(f"train.init_weights: weights file not found: {weights}")
@@ -88,16 +90,19 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
     resolved = Config.from_dict(yaml.safe_load(model_config_yaml(cfg)))
     saved = yaml.safe_load(meta["config"]) or {}
     hint = "train a network like it or drop train.init_weights"
-    check_same_model(saved, resolved, weights, hint=hint, skip=("model.context_slices",))
-    saved_context = int(saved.get("model", {}).get("context_slices", 0) or 0)
-    context = cfg.model.context_slices
-    if saved_context > context:
-        raise TrainError(
-            f"train.init_weights: {weights} was trained with model.context_slices={saved_context}, "
-            f"the parameters say {context}; a network cannot drop input channels, {hint}"
-        )
+    check_same_model(saved, resolved, weights, hint=hint, skip=("model.context_slices", "model.extra_middle_blocks"))
+    for key, what in (("context_slices", "input channels"), ("extra_middle_blocks", "middle blocks")):
+        old = int(saved.get("model", {}).get(key, 0) or 0)
+        if old > getattr(cfg.model, key):
+            raise TrainError(
+                f"train.init_weights: {weights} was trained with model.{key}={old}, "
+                f"the parameters say {getattr(cfg.model, key)}; a network cannot drop {what}, {hint}"
+            )
     tensors = load_file(str(weights), device=str(device))
-    if saved_context < context:
+    if int(saved.get("model", {}).get("context_slices", 0) or 0) < cfg.model.context_slices:
         tensors[INPUT_CONV] = widen_input_conv(tensors[INPUT_CONV], network_channels(cfg)[0])
+    # Middle blocks the file lacks keep this network's initialisation: they start as the identity.
+    fresh = model.state_dict()
+    tensors.update({k: v.detach().clone() for k, v in fresh.items() if k not in tensors and k.startswith("middle_block.")})
     model.load_state_dict(tensors)
     ema.load(tensors)
