@@ -322,9 +322,15 @@ def test_init_weights_of_another_network_is_refused(tmp_path, data, capsys):
     assert "train.init_weights: weights file not found" in capsys.readouterr().err
 
 
-def test_init_weights_widens_a_2d_network_into_a_25d_one_computing_the_same_function(tmp_path, data, capsys):
-    from brainpaint.unet import build_unet, network_channels
+def _network_output(cfg: Config, weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """The output of the network `cfg` describes, holding `weights`, on `x` at t = 5 and 700."""
+    net = build_unet(cfg.model, *network_channels(cfg)).eval()
+    net.load_state_dict(weights)
+    with torch.no_grad():
+        return net(x, torch.tensor([5, 700]))
 
+
+def test_init_weights_widens_a_2d_network_into_a_25d_one_computing_the_same_function(tmp_path, data, capsys):
     flat = tmp_path / "2d"
     assert run_train(_cfg(train={"max_steps": 1}), data, flat) == 0
     wide = tmp_path / "25d"
@@ -334,16 +340,8 @@ def test_init_weights_widens_a_2d_network_into_a_25d_one_computing_the_same_func
     assert w25["input_blocks.0.0.weight"].shape[1] == 7 and w2["input_blocks.0.0.weight"].shape[1] == 3
     assert all(torch.equal(w25[k], w2[k]) for k in w2 if k != "input_blocks.0.0.weight")
 
-    cfg_2d = _cfg()
-    net2 = build_unet(cfg_2d.model, *network_channels(cfg_2d)).eval()
-    net25 = build_unet(cfg_25d.model, *network_channels(cfg_25d)).eval()
-    net2.load_state_dict(w2)
-    net25.load_state_dict(w25)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 7, 32, 32, generator=g)  # [b, m, b-, m-, b+, m+, x_t]
-    t = torch.tensor([5, 700])
-    with torch.no_grad():
-        torch.testing.assert_close(net25(x, t), net2(x[:, [0, 1, 6]], t), rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 7, 32, 32, generator=torch.Generator().manual_seed(0))  # [b, m, b-, m-, b+, m+, x_t]
+    torch.testing.assert_close(_network_output(cfg_25d, w25, x), _network_output(_cfg(), w2, x[:, [0, 1, 6]]), rtol=1e-5, atol=1e-6)
 
     # a 2.5D network cannot start a 2D one: it would lose inputs it was trained to use
     back = _cfg(train={"max_steps": 0, "init_weights": str(wide / "model.safetensors")})
@@ -362,16 +360,8 @@ def test_init_weights_deepens_the_middle_of_a_network_computing_the_same_functio
     assert new and all(k.startswith(("middle_block.3.", "middle_block.4.", "middle_block.5.", "middle_block.6.")) for k in new)
     assert all(torch.equal(w2[k], w0[k]) for k in w0)
 
-    cfg0 = _cfg()
-    net0 = build_unet(cfg0.model, *network_channels(cfg0)).eval()
-    net2 = build_unet(cfg_deep.model, *network_channels(cfg_deep)).eval()
-    net0.load_state_dict(w0)
-    net2.load_state_dict(w2)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 32, 32, generator=g)
-    t = torch.tensor([5, 700])
-    with torch.no_grad():
-        torch.testing.assert_close(net2(x, t), net0(x, t), rtol=0, atol=0)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_network_output(cfg_deep, w2, x), _network_output(_cfg(), w0, x), rtol=0, atol=0)
 
     # training moves the new blocks off the identity
     moved = tmp_path / "moved"

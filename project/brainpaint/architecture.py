@@ -53,7 +53,7 @@ def resolve_architecture(model_cfg) -> dict[str, Any]:
         value = getattr(model_cfg, name, None)
         if value is not None:
             arch[name] = value
-    arch["extra_middle_blocks"] = int(getattr(model_cfg, "extra_middle_blocks", 0) or 0)
+    arch["extra_middle_blocks"] = int(model_cfg.extra_middle_blocks)
     arch["channel_mult"] = tuple(int(m) for m in arch["channel_mult"])
     arch["attention_downsample"] = tuple(int(d) for d in arch["attention_downsample"])
     return arch

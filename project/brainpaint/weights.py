@@ -90,16 +90,18 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
     resolved = Config.from_dict(yaml.safe_load(model_config_yaml(cfg)))
     saved = yaml.safe_load(meta["config"]) or {}
     hint = "train a network like it or drop train.init_weights"
-    check_same_model(saved, resolved, weights, hint=hint, skip=("model.context_slices", "model.extra_middle_blocks"))
-    for key, what in (("context_slices", "input channels"), ("extra_middle_blocks", "middle blocks")):
-        old = int(saved.get("model", {}).get(key, 0) or 0)
-        if old > getattr(cfg.model, key):
+    # The ways a network may grow from its file (and what it would lose going the other way).
+    growable = {"context_slices": "input channels", "extra_middle_blocks": "middle blocks"}
+    check_same_model(saved, resolved, weights, hint=hint, skip=tuple(f"model.{key}" for key in growable))
+    before = {key: int((saved.get("model") or {}).get(key, 0) or 0) for key in growable}
+    for key, what in growable.items():
+        if before[key] > getattr(cfg.model, key):
             raise TrainError(
-                f"train.init_weights: {weights} was trained with model.{key}={old}, "
+                f"train.init_weights: {weights} was trained with model.{key}={before[key]}, "
                 f"the parameters say {getattr(cfg.model, key)}; a network cannot drop {what}, {hint}"
             )
     tensors = load_file(str(weights), device=str(device))
-    if int(saved.get("model", {}).get("context_slices", 0) or 0) < cfg.model.context_slices:
+    if before["context_slices"] < cfg.model.context_slices:
         tensors[INPUT_CONV] = widen_input_conv(tensors[INPUT_CONV], network_channels(cfg)[0])
     # Middle blocks the file lacks keep this network's initialisation: they start as the identity.
     fresh = model.state_dict()
