@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "project"))
-from brainpaint.brats_io import discover_cases  # noqa: E402
+from brainpaint.brats_io import SUFFIXES, discover_cases  # noqa: E402
 
 
 def shift_volume(vol: np.ndarray, gamma: float, slopes: np.ndarray) -> np.ndarray:
@@ -49,20 +49,18 @@ def main(argv=None) -> int:
     for i, case in enumerate(cases):
         gamma = 0.8 if i % 2 == 0 else 1.25
         slopes = rng.uniform(-0.15, 0.15, size=3)
-        src = Path(case.folder)
         dst = args.out / case.id
         dst.mkdir(parents=True, exist_ok=True)
-        t1n = nib.load(str(src / f"{case.id}-t1n.nii.gz"))
-        mask = np.asarray(nib.load(str(src / f"{case.id}-mask.nii.gz")).dataobj) > 0
+        t1n = nib.load(str(case.files["t1n"]))
+        mask = np.asarray(nib.load(str(case.files["mask"])).dataobj) > 0
         shifted = np.round(shift_volume(np.asarray(t1n.dataobj, np.float32), gamma, slopes)).astype(np.int16)
-        for name, vol in (("t1n", shifted), ("t1n-voided", np.where(mask, 0, shifted).astype(np.int16))):
+        for role, vol in (("t1n", shifted), ("voided", np.where(mask, 0, shifted).astype(np.int16))):
             img = nib.Nifti1Image(vol, t1n.affine, t1n.header)
             img.set_data_dtype(np.int16)
-            nib.save(img, str(dst / f"{case.id}-{name}.nii.gz"))
-        for name in ("mask", "mask-healthy", "mask-unhealthy"):
-            f = src / f"{case.id}-{name}.nii.gz"
-            if f.is_file():
-                shutil.copyfile(f, dst / f.name)
+            nib.save(img, str(dst / f"{case.id}-{SUFFIXES[role]}"))
+        for role in ("mask", "mask_healthy", "mask_unhealthy"):
+            if role in case.files:
+                shutil.copyfile(case.files[role], dst / case.files[role].name)
         print(f"{case.id}: gamma {gamma}, field slopes {np.round(slopes, 3).tolist()}")
     return 0
 

@@ -17,24 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 SUFFIX = ".brain.npz"
-
-
-def _natural(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def subjects(data: Path) -> list[Path]:
-    files = sorted((p for p in data.iterdir() if p.name.endswith((".nii", ".nii.gz"))), key=lambda p: _natural(p.name))
-    if not files:
-        raise SystemExit(f"error: no NIfTI files in {data}")
-    return files
 
 
 def pack_volume(path: Path) -> dict:
@@ -75,11 +63,21 @@ def unpack_volume(arrays) -> tuple[np.ndarray, np.ndarray]:
     return vol, arrays["affine"]
 
 
-def pack(data: Path, out: Path, val_subjects: int, part_mib: float) -> int:
-    files = subjects(data)
-    train = files[: len(files) - val_subjects] if val_subjects else files
+def pack(data: Path, out: Path, val_subjects: str, part_mib: float) -> int:
+    """Pack the training subjects of `prepare`'s split (`val_subjects` as `prepare` reads it)."""
+    from brainpaint.errors import ConfigError
+    from brainpaint.prepare import find_subjects, split_subjects
+
+    found = find_subjects(data)
+    if not found:
+        raise SystemExit(f"error: no NIfTI files in {data}")
+    try:
+        val = split_subjects(found, val_subjects)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    train = [s.path for s in found if s.name not in val]
     if not train:
-        raise SystemExit(f"error: {len(files)} subjects in {data}, all of them held out for validation")
+        raise SystemExit(f"error: {len(found)} subjects in {data}, all of them held out for validation")
     out.mkdir(parents=True, exist_ok=True)
     part, used, parts = 1, 0, {}
     for path in train:
@@ -105,7 +103,7 @@ def pack(data: Path, out: Path, val_subjects: int, part_mib: float) -> int:
 def unpack(packed: Path, out: Path, expect: int | None) -> int:
     import nibabel as nib
 
-    files = sorted(packed.glob(f"*{SUFFIX}"), key=lambda p: _natural(p.name))
+    files = sorted(packed.glob(f"*{SUFFIX}"))
     if expect is not None and len(files) != expect:
         raise SystemExit(f"error: {packed} holds {len(files)} packed brains, the manifest lists {expect}: stage every part first")
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +122,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("pack")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, default=Path(".gpu"))
-    p.add_argument("--val-subjects", type=int, default=8, help="the last N subjects stay behind (prepare's default split)")
+    p.add_argument("--val-subjects", default="", help="held-out subjects as `brainpaint prepare --val-subjects` reads them; they stay behind")
     p.add_argument("--part-mib", type=float, default=30.0)
     u = sub.add_parser("unpack")
     u.add_argument("--packed", type=Path, required=True)

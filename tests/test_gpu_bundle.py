@@ -35,7 +35,7 @@ def _write_subjects(folder: Path, n: int) -> list[np.ndarray]:
 
 def test_pack_and_unpack_restore_grid_affine_background_and_intensities(tmp_path):
     vols = _write_subjects(tmp_path / "raw", 4)
-    n_parts = gpu_bundle.pack(tmp_path / "raw", tmp_path / "bundle", val_subjects=1, part_mib=1e-6)
+    n_parts = gpu_bundle.pack(tmp_path / "raw", tmp_path / "bundle", val_subjects="1", part_mib=1e-6)
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     # the last subject stays behind (the validation split); a tiny part size puts one brain per part
     assert manifest["subjects"] == ["sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz", "sub-03_T1w.nii.gz"]
@@ -64,7 +64,7 @@ def test_pack_and_unpack_restore_grid_affine_background_and_intensities(tmp_path
 
 def test_unpack_refuses_an_incomplete_set_naming_the_counts(tmp_path):
     _write_subjects(tmp_path / "raw", 2)
-    gpu_bundle.pack(tmp_path / "raw", tmp_path / "bundle", val_subjects=0, part_mib=30)
+    gpu_bundle.pack(tmp_path / "raw", tmp_path / "bundle", val_subjects="none", part_mib=30)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_bundle.py"), "unpack", "--packed", str(tmp_path / "bundle"),
          "--out", str(tmp_path / "out"), "--manifest", str(tmp_path / "bundle" / "manifest.json")],
