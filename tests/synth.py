@@ -77,7 +77,7 @@ def write_case(
 
 
 def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "none", context_slices: int = 0,
-                 seed: int = 0, mirror: bool = False, prediction: str = "eps") -> Path:
+                 seed: int = 0, mirror: bool = False, prediction: str = "eps", planes: str = "axial") -> Path:
     """A randomly initialised `tiny` U-Net in the weights-file format (self-describing metadata),
     so it loads exactly like trained weights: whole `slice_size` slices, or `crop_size` crops."""
     import torch  # only the tests that need a network pay for torch
@@ -90,7 +90,8 @@ def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "no
         {
             "model": {"preset": "tiny", "context_slices": context_slices},
             "diffusion": {"prediction": prediction},
-            "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior, "mirror": mirror},
+            "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior, "mirror": mirror,
+                     "planes": planes},
         }
     )
     torch.manual_seed(seed)

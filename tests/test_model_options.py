@@ -280,11 +280,11 @@ def test_weights_files_without_the_new_settings_load_as_eps_models(tmp_path):
     old = yaml.safe_load(meta["config"])
     for key in ("prediction", "loss_weighting", "min_snr_gamma", "terminal_fraction"):
         old["diffusion"].pop(key)
-    for key in ("mirror", "gamma_aug", "bias_aug"):
+    for key in ("mirror", "gamma_aug", "bias_aug", "planes"):
         old["data"].pop(key)
     save_file(load_file(str(w)), str(tmp_path / "old.safetensors"), metadata={"config": yaml.safe_dump(old)})
     cfg = weights_config(tmp_path / "old.safetensors")
-    assert cfg.diffusion.prediction == "eps" and not cfg.data.mirror
+    assert cfg.diffusion.prediction == "eps" and not cfg.data.mirror and cfg.data.planes == "axial"
     assert "cache_dir" not in meta["config"]
 
 

@@ -31,7 +31,9 @@ CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
 # Settings that change only how training samples are drawn or weighted, not what the network
 # computes: a run may resume, or start from weights, with other values.
 RESUMABLE_KEYS = {
-    f"data.{k}" for k in ("flip_prob", "extra_masks_per_volume", "num_workers", "cache_volumes", "cache_dir", "gamma_aug", "bias_aug")
+    f"data.{k}"
+    for k in ("flip_prob", "extra_masks_per_volume", "num_workers", "cache_volumes", "cache_dir", "gamma_aug", "bias_aug",
+              "planes")
 } | {f"diffusion.{k}" for k in ("loss_weighting", "min_snr_gamma", "terminal_fraction")}
 
 

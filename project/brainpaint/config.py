@@ -39,6 +39,8 @@ PREDICTIONS = ("eps", "x0", "v")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 METHODS = ("diffusion", "harmonic")
+# Slice planes a network is trained on and fills in (`geometry.PLANE_AXES`), "+"-joined.
+PLANE_SETS = ("axial", "coronal", "axial+coronal")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Sections that describe what a weights file computes (recorded in its metadata).
 MODEL_SECTIONS = ("model", "diffusion", "data")
@@ -241,6 +243,8 @@ class DataConfig(_Section):
     # the amplitude of a smooth random multiplicative (bias) field; 0 disables either.
     gamma_aug: float = setting(0.0, ge=0)
     bias_aug: float = setting(0.0, ge=0)
+    # Slice planes of the training pairs: "axial" (the paper), "coronal", or both.
+    planes: str = setting("axial", choices=PLANE_SETS)
     num_workers: int = setting(0, ge=0)
     cache_volumes: int = setting(16, ge=1)  # decoded volumes kept per loader worker
     # Folder for the harmonic fills and midlines of training volumes, computed once and reused
@@ -310,6 +314,9 @@ class InferConfig(_Section):
     smoothing_sigma: float = setting(0.0, ge=0)
     # Voxels of known tissue around the mask that the post-filter reads (None = all of it; smoothing.py).
     smoothing_border: Optional[int] = setting(None, ge=0)
+    # Slice planes filled and averaged: "axial", "coronal" or "axial+coronal"; None = the
+    # planes the weights were trained on (their `data.planes`).
+    planes: Optional[str] = setting(None, choices=PLANE_SETS)
     repaint: bool = False  # RePaint-style known-region x_t mixing during sampling
     noise_correlation: float = setting(0.0, ge=0, le=1)  # share of noise shared across neighbouring slices
     # Scale of the sampler's noise. 0 starts the deterministic DDIM path at x_T = 0: one fill near

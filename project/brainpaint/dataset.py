@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from .brats_io import CaseError, discover_cases, load_case
 from .distributed import ignore_stop_signals
 from .errors import MaskPlacementError
-from .geometry import crop, full_slice_box, midline_shift, mirror_x
+from .geometry import crop, full_slice_box, midline_shift, mirror_x, plane_names, to_plane
 from .harmonic import harmonic_fill
 from .intensity import IntensityMap
 from .masks import generate_masks
@@ -48,6 +48,10 @@ class VolumeInputs:
     b: np.ndarray
     mask: np.ndarray
     mirror_shift: Optional[int] = None
+
+    def in_plane(self, plane: str) -> "VolumeInputs":
+        """The same inputs with `plane`'s slices on the last axis (`geometry.to_plane`, views)."""
+        return VolumeInputs(self.imap, to_plane(self.b, plane), to_plane(self.mask, plane), self.mirror_shift)
 
     def z_range(self, z0: int, z1: int) -> "VolumeInputs":
         """The same inputs restricted to slices z0 .. z1 - 1."""
@@ -202,7 +206,8 @@ class _Unit:
 
     case_index: int
     k: int
-    z_slices: tuple[int, ...]  # slices where this mask is non-empty
+    z_slices: tuple[int, ...]  # slices (of `plane`) where this mask is non-empty
+    plane: str = "axial"
 
 
 @dataclass
@@ -220,8 +225,13 @@ def _stable_seed(*parts) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode())
 
 
-def _read_mask_slices(case) -> np.ndarray:
-    """Axial indices where mask-healthy is non-empty, reading only that (small) file."""
+def _mask_slices(mask: np.ndarray, plane: str) -> tuple[int, ...]:
+    """Indices of the slices of `plane` where `mask` [X, Y, Z] is non-empty."""
+    return tuple(int(z) for z in np.flatnonzero(to_plane(mask, plane).any(axis=(0, 1))))
+
+
+def _read_mask_slices(case, planes: list[str]) -> dict[str, tuple[int, ...]]:
+    """Per plane, the slices where mask-healthy is non-empty, reading only that (small) file."""
     path = case.files.get("mask_healthy")
     if path is None:
         raise CaseError(case.id, "no mask-healthy file (needed for training)")
@@ -231,13 +241,14 @@ def _read_mask_slices(case) -> np.ndarray:
         raise CaseError(case.id, f"cannot read {Path(path).name}: {exc}") from exc
     if mask.ndim != 3:
         raise CaseError(case.id, f"mask-healthy must be 3D, got shape {mask.shape}")
-    return np.flatnonzero(mask.reshape(-1, mask.shape[2]).any(axis=0))
+    return {plane: _mask_slices(mask != 0, plane) for plane in planes}
 
 
 class SliceDataset(Dataset):
     """Training pairs (x0 [1,H,W], cond [C,H,W]) from BraTS-layout cases with labels.
 
-    A pair is (case, mask k, z) for every axial slice z where the mask is non-empty; mask 0
+    A pair is (case, mask k, z) for every slice z where the mask is non-empty, of every plane
+    in `data.planes` (axial: z indexes the volume's last axis; coronal: its second); mask 0
     is the case's mask-healthy, masks 1..n are `data.extra_masks_per_volume` generated
     healthy masks (`masks.generate_masks`, sized in cm³ with the case's voxel spacing; a brain
     with no room for them keeps its mask-healthy alone, with a warning).
@@ -260,6 +271,7 @@ class SliceDataset(Dataset):
         self.errors = list(self.errors)
 
         n_extra = cfg.data.extra_masks_per_volume
+        self.planes = plane_names(cfg.data.planes)
         # Generated masks are kept as (bounding-box offset, cropped bool array): a few hundred KB each.
         self._extra: dict[tuple[int, int], tuple[tuple[int, int, int], np.ndarray]] = {}
         self.units: list[_Unit] = []
@@ -267,13 +279,11 @@ class SliceDataset(Dataset):
         for case in self.cases:
             ci = len(usable)
             try:
-                z_healthy = _read_mask_slices(case)
+                z_healthy = _read_mask_slices(case, self.planes)
             except CaseError as exc:
                 self.errors.append(exc)
                 continue
-            units = []
-            if len(z_healthy):
-                units.append(_Unit(ci, 0, tuple(int(z) for z in z_healthy)))
+            units = [_Unit(ci, 0, zs, plane) for plane, zs in z_healthy.items() if zs]
             if n_extra:
                 try:
                     units += self._generate_extra(case, ci, n_extra)
@@ -307,9 +317,7 @@ class SliceDataset(Dataset):
                 continue
             lo, hi = nz.min(0), nz.max(0) + 1
             self._extra[(ci, k)] = (tuple(int(v) for v in lo), mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy())
-            units.append(_Unit(ci, k, tuple(range(int(lo[2]), int(hi[2])))))
-            # Slices inside the bounding box may still be empty for non-convex masks.
-            units[-1].z_slices = tuple(z for z in units[-1].z_slices if mask[:, :, z].any())
+            units += [_Unit(ci, k, _mask_slices(mask, plane), plane) for plane in self.planes]
         return units
 
     def _extra_mask(self, ci: int, k: int, shape) -> np.ndarray:
@@ -351,6 +359,9 @@ class SliceDataset(Dataset):
         voided = np.where(mask, np.float32(0), t1n)
         vin = volume_inputs(voided, mask, self.cfg.data, self._cached_prior(case.id, unit.k, voided, mask))
         gt = vin.imap.normalize(t1n)
+        # The fill and midline are those of the volume; only the slicing turns with the plane.
+        vin = vin.in_plane(unit.plane)
+        gt, t1n, mask = (to_plane(a, unit.plane) for a in (gt, t1n, mask))
 
         full_box = None
         if self.cfg.data.crop_size is None:
