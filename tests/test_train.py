@@ -339,13 +339,19 @@ def _network_output(cfg: Config, weights: dict, x: torch.Tensor) -> torch.Tensor
         return net(x, torch.tensor([5, 700]))
 
 
+def _grown(tmp_path, data, **model) -> tuple[Config, dict, dict]:
+    """A plain network trained one step (run folder tmp_path/plain), and a network with the
+    `model` settings warm-started from it for zero steps (tmp_path/grown): (grown config, plain
+    weights, grown weights)."""
+    plain, grown = tmp_path / "plain", tmp_path / "grown"
+    assert run_train(_cfg(train={"max_steps": 1}), data, plain) == 0
+    cfg = _cfg(model=model, train={"max_steps": 0, "init_weights": str(plain / "model.safetensors")})
+    assert run_train(cfg, data, grown) == 0
+    return cfg, load_file(str(plain / "model.safetensors")), load_file(str(grown / "model.safetensors"))
+
+
 def test_init_weights_widens_a_2d_network_into_a_25d_one_computing_the_same_function(tmp_path, data, capsys):
-    flat = tmp_path / "2d"
-    assert run_train(_cfg(train={"max_steps": 1}), data, flat) == 0
-    wide = tmp_path / "25d"
-    cfg_25d = _cfg(model={"context_slices": 1}, train={"max_steps": 0, "init_weights": str(flat / "model.safetensors")})
-    assert run_train(cfg_25d, data, wide) == 0
-    w2, w25 = load_file(str(flat / "model.safetensors")), load_file(str(wide / "model.safetensors"))
+    cfg_25d, w2, w25 = _grown(tmp_path, data, context_slices=1)
     assert w25["input_blocks.0.0.weight"].shape[1] == 7 and w2["input_blocks.0.0.weight"].shape[1] == 3
     assert all(torch.equal(w25[k], w2[k]) for k in w2 if k != "input_blocks.0.0.weight")
 
@@ -353,18 +359,13 @@ def test_init_weights_widens_a_2d_network_into_a_25d_one_computing_the_same_func
     torch.testing.assert_close(_network_output(cfg_25d, w25, x), _network_output(_cfg(), w2, x[:, [0, 1, 6]]), rtol=1e-5, atol=1e-6)
 
     # a 2.5D network cannot start a 2D one: it would lose inputs it was trained to use
-    back = _cfg(train={"max_steps": 0, "init_weights": str(wide / "model.safetensors")})
+    back = _cfg(train={"max_steps": 0, "init_weights": str(tmp_path / "grown" / "model.safetensors")})
     assert run_train(back, data, tmp_path / "back") == 1
     assert "was trained with model.context_slices=1, the parameters say 0" in capsys.readouterr().err
 
 
 def test_init_weights_deepens_the_middle_of_a_network_computing_the_same_function(tmp_path, data, capsys):
-    shallow = tmp_path / "shallow"
-    assert run_train(_cfg(train={"max_steps": 1}), data, shallow) == 0
-    deep = tmp_path / "deep"
-    cfg_deep = _cfg(model={"extra_middle_blocks": 2}, train={"max_steps": 0, "init_weights": str(shallow / "model.safetensors")})
-    assert run_train(cfg_deep, data, deep) == 0
-    w0, w2 = load_file(str(shallow / "model.safetensors")), load_file(str(deep / "model.safetensors"))
+    cfg_deep, w0, w2 = _grown(tmp_path, data, extra_middle_blocks=2)
     new = sorted(set(w2) - set(w0))
     assert new and all(k.startswith(("middle_block.3.", "middle_block.4.", "middle_block.5.", "middle_block.6.")) for k in new)
     assert all(torch.equal(w2[k], w0[k]) for k in w0)
@@ -374,13 +375,13 @@ def test_init_weights_deepens_the_middle_of_a_network_computing_the_same_functio
 
     # training moves the new blocks off the identity
     moved = tmp_path / "moved"
-    cfg_train = _cfg(model={"extra_middle_blocks": 2}, train={"max_steps": 2, "init_weights": str(shallow / "model.safetensors")})
+    cfg_train = _cfg(model={"extra_middle_blocks": 2}, train={"max_steps": 2, "init_weights": str(tmp_path / "plain" / "model.safetensors")})
     assert run_train(cfg_train, data, moved) == 0
     w_moved = load_file(str(moved / "model.safetensors"))
     assert any(w_moved[k].abs().sum() > 0 for k in new if "out_layers.3" in k or "proj_out" in k)
 
     # a deeper network cannot start a shallower one
-    back = _cfg(train={"max_steps": 0, "init_weights": str(deep / "model.safetensors")})
+    back = _cfg(train={"max_steps": 0, "init_weights": str(tmp_path / "grown" / "model.safetensors")})
     assert run_train(back, data, tmp_path / "back") == 1
     assert "was trained with model.extra_middle_blocks=2, the parameters say 0; a network cannot drop middle blocks" in capsys.readouterr().err
 
