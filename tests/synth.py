@@ -77,9 +77,11 @@ def write_case(
 
 
 def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "none", context_slices: int = 0,
-                 seed: int = 0, mirror: bool = False, prediction: str = "eps", planes: str = "axial") -> Path:
+                 seed: int = 0, mirror: bool = False, prediction: str = "eps", planes: str = "axial",
+                 atlas=None) -> Path:
     """A randomly initialised `tiny` U-Net in the weights-file format (self-describing metadata),
-    so it loads exactly like trained weights: whole `slice_size` slices, or `crop_size` crops."""
+    so it loads exactly like trained weights: whole `slice_size` slices, or `crop_size` crops.
+    `atlas` (an `atlas.ATLAS_SHAPE` array) makes a network with the atlas channel holding it."""
     import torch  # only the tests that need a network pay for torch
     from safetensors.torch import save_file
 
@@ -88,7 +90,7 @@ def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "no
 
     cfg = Config.from_dict(
         {
-            "model": {"preset": "tiny", "context_slices": context_slices},
+            "model": {"preset": "tiny", "context_slices": context_slices, "atlas": atlas is not None},
             "diffusion": {"prediction": prediction},
             "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior, "mirror": mirror,
                      "planes": planes},
@@ -100,6 +102,8 @@ def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "no
         for p in model.parameters():
             if not p.detach().abs().sum():
                 p.normal_(0.0, 0.05)
+        if atlas is not None:
+            model.atlas.copy_(torch.as_tensor(np.asarray(atlas, np.float32)))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"config": model_config_yaml(cfg)})

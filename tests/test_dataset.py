@@ -10,6 +10,7 @@ import torch
 import synth
 from brainpaint import dataset as ds_mod
 from brainpaint import masks
+from brainpaint.atlas import atlas_from_cases, atlas_residual
 from brainpaint.config import Config
 from brainpaint.dataset import (
     SliceDataset,
@@ -309,3 +310,38 @@ def test_coronal_planes_add_the_coronal_slices_of_every_mask(cases):
     np.testing.assert_allclose(decode_sample(x0[0], cond[0], "none")[:, :20], gt, atol=1e-5)
     np.testing.assert_array_equal(cond[1][:, :20], mask[:, y, :])
     assert not cond[1][:, 20:].any()
+
+
+def test_the_atlas_residual_is_the_last_channel_and_no_scan_augmentation_touches_it(cases, tmp_path):
+    cfg = Config.from_dict({"model": {"preset": "tiny", "atlas": True},
+                            "data": {"slice_size": 48, "flip_prob": 0, "prior": "harmonic", "gamma_aug": 0.3,
+                                     "bias_aug": 0.2, "cache_dir": str(tmp_path / "cache")}})
+    ds = SliceDataset(cases, cfg, augment=False)
+    with pytest.raises(RuntimeError, match="no atlas"):
+        ds[0]
+    ds.atlas = atlas_from_cases(ds.cases)
+    unit, z = ds.pairs[len(ds.units[0].z_slices) // 2]
+    plain = ds.sample((unit, z), random.Random(3))["cond"].numpy()
+    assert plain.shape == (3, 48, 48) == (ds.channels, 48, 48)
+
+    # the residual of the atlas over its harmonic fill, inside the mask only
+    t1n = synth.make_brain(seed=1).round()
+    mask = synth.make_mask(radius=4).astype(bool)
+    voided = np.where(mask, 0, t1n).astype(np.float32)
+    expected = atlas_residual(ds.atlas, IntensityMap.fit(voided).normalize(voided), mask, (voided != 0) | mask)
+    np.testing.assert_allclose(plain[2], expected[:, :, z], atol=1e-6)
+    assert np.abs(plain[2][mask[:, :, z]]).max() > 0 and not plain[2][~mask[:, :, z]].any()
+
+    # the gamma and bias field of another scanner change the scan's channels, not the population's
+    augmented = SliceDataset(cases, cfg, augment=True)
+    augmented.atlas = ds.atlas
+    cond = augmented.sample((unit, z), random.Random(3))["cond"].numpy()
+    assert not np.allclose(cond[0], plain[0]) and np.array_equal(cond[2], plain[2])
+
+    # the cached residual (data.cache_dir) is the one computed
+    cached = SliceDataset(cases, cfg, augment=False)
+    cached.atlas = ds.atlas
+    np.testing.assert_array_equal(cached.sample((unit, z), random.Random(3))["cond"].numpy(), plain)
+    (entry,) = (tmp_path / "cache").glob("case-a-000-*-atlas*.npz")
+    with np.load(entry) as stored:
+        np.testing.assert_allclose(stored["atlas"], expected[mask], atol=1e-6)

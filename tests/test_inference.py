@@ -12,6 +12,7 @@ import yaml
 from scipy import ndimage
 from typer.testing import CliRunner
 
+from brainpaint.atlas import build_atlas
 from brainpaint.brats_io import discover_cases, load_case
 from brainpaint.config import Config
 from brainpaint.errors import ConfigError
@@ -327,3 +328,22 @@ def test_planes_default_to_those_the_weights_were_trained_on(tmp_path, case_data
     assert not np.array_equal(run(), run(planes="axial"))
     with pytest.raises(ConfigError, match="unknown infer.planes 'sagittal'"):
         make(weights, planes="sagittal")
+
+
+def test_weights_with_the_atlas_channel_fill_from_the_atlas_they_carry(tmp_path, case_data):
+    brain = synth.make_brain(seed=3)
+    atlas = build_atlas([brain])
+    dark = atlas.copy()
+    dark[40:80, 50:95, 40:80] *= 0.3  # the population says: darker where the mask lies
+    run = lambda w: make(w, temperature=0.0, steps=1)(case_data, seed=0).volume  # noqa: E731
+    kw = dict(crop_size=16, prior="harmonic", prediction="x0", seed=4)
+    plain, bright, darker = (run(write_weights(tmp_path / f"{name}.safetensors", atlas=a, **kw))
+                             for name, a in (("plain", None), ("bright", atlas), ("dark", dark)))
+    mask = case_data.mask
+    for volume in (plain, bright, darker):
+        np.testing.assert_array_equal(volume[~mask], case_data.voided[~mask])
+    inpainter = make(tmp_path / "dark.safetensors")
+    np.testing.assert_array_equal(inpainter.atlas, dark)
+    assert make(tmp_path / "plain.safetensors").atlas is None
+    # the network reads the carried atlas through its residual channel
+    assert np.abs(darker[mask] - bright[mask]).max() > 1.0

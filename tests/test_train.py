@@ -18,6 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import synth
+from brainpaint.atlas import atlas_from_cases
+from brainpaint.brats_io import discover_cases
 from brainpaint.config import Config
 from brainpaint.dataset import SliceDataset, TrainStream
 from brainpaint.diffusion import GaussianDiffusion
@@ -384,6 +386,49 @@ def test_init_weights_deepens_the_middle_of_a_network_computing_the_same_functio
     back = _cfg(train={"max_steps": 0, "init_weights": str(tmp_path / "grown" / "model.safetensors")})
     assert run_train(back, data, tmp_path / "back") == 1
     assert "was trained with model.extra_middle_blocks=2, the parameters say 0; a network cannot drop middle blocks" in capsys.readouterr().err
+
+
+def test_init_weights_adds_the_atlas_channel_computing_the_same_function_and_builds_the_atlas(tmp_path, data, capsys):
+    cfg_atlas, w0, w1 = _grown(tmp_path, data, atlas=True)
+    assert w1["input_blocks.0.0.weight"].shape[1] == 4 and w0["input_blocks.0.0.weight"].shape[1] == 3
+    assert set(w1) - set(w0) == {"atlas"}
+    cases, _ = discover_cases(data, labels=True)
+    np.testing.assert_array_equal(w1["atlas"].numpy(), atlas_from_cases(cases))
+    assert "atlas: mean of 2 brain(s)" in capsys.readouterr().err
+
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # [b, m, atlas, x_t]
+    torch.testing.assert_close(_network_output(cfg_atlas, w1, x), _network_output(_cfg(), w0, x[:, [0, 1, 3]]), rtol=0, atol=0)
+
+    # context slices grown later keep the atlas channel's weights (matched by name, not position)
+    moved = tmp_path / "moved"
+    assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 2, "init_weights": str(tmp_path / "grown" / "model.safetensors")}), data, moved) == 0
+    w2 = load_file(str(moved / "model.safetensors"))
+    assert w2["input_blocks.0.0.weight"][:, 2].abs().sum() > 0  # training moved the atlas weights off zero
+    wider = tmp_path / "wider"
+    cfg_wide = _cfg(model={"atlas": True, "context_slices": 1}, train={"max_steps": 0, "init_weights": str(moved / "model.safetensors")})
+    assert run_train(cfg_wide, data, wider) == 0
+    w3 = load_file(str(wider / "model.safetensors"))
+    conv2, conv3 = w2["input_blocks.0.0.weight"], w3["input_blocks.0.0.weight"]  # [b, m, a, x] -> [b, m, b-, m-, b+, m+, a, x]
+    assert torch.equal(conv3[:, [0, 1, 6, 7]], conv2) and not conv3[:, 2:6].any()
+    assert torch.equal(w3["atlas"], w2["atlas"])
+
+    # a network with the atlas channel cannot start one without it
+    back = _cfg(train={"max_steps": 0, "init_weights": str(moved / "model.safetensors")})
+    assert run_train(back, data, tmp_path / "back") == 1
+    assert "was trained with model.atlas=True, the parameters say False" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_its_atlas_even_when_the_training_brains_change(tmp_path, data):
+    out = tmp_path / "run"
+    assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 2}), data, out) == 0
+    before = load_file(str(out / "model.safetensors"))["atlas"]
+    synth.write_case(data, "case-c", seed=5, radius=4)  # a rebuilt atlas would differ
+    assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 4}), data, out) == 0
+    after = load_file(str(out / "model.safetensors"))
+    assert torch.equal(after["atlas"], before) and weights_config(out / "model.safetensors").model.atlas
+    fresh = tmp_path / "fresh"
+    assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 0}), data, fresh) == 0
+    assert not torch.equal(load_file(str(fresh / "model.safetensors"))["atlas"], before)
 
 
 def test_shipped_training_configs_load_and_the_budget_arms_differ_only_in_context():

@@ -63,12 +63,22 @@ def network_channels(cfg) -> tuple[int, int]:
     """(in, out) channels for a full Config.
 
     In: voided slice b and mask m, their mirror images with ``data.mirror``, then b and m of
-    ``context_slices`` neighbours on each side, then x_t. Out: the prediction (eps, x0 or v),
+    ``context_slices`` neighbours on each side, the atlas residual with ``model.atlas``, then x_t. Out: the prediction (eps, x0 or v),
     plus the variance interpolation when the variance is learned.
     """
-    in_channels = 2 + 2 * cfg.data.mirror + 2 * 2 * cfg.model.context_slices + 1
+    in_channels = len(input_layout(cfg))
     out_channels = 2 if cfg.diffusion.learn_sigma else 1
     return in_channels, out_channels
+
+
+def input_layout(cfg) -> list[str]:
+    """Names of the network's input channels in order (`dataset.slice_conditioning`, then x_t):
+    b and m, their mirror images ("b~", "m~"), the neighbours' ("b-1", "m-1", "b+1", ...),
+    the atlas residual ("atlas"), x_t. A network that grows keeps its channels' weights by name."""
+    names = ["b", "m"] + (["b~", "m~"] if cfg.data.mirror else [])
+    for k in range(1, cfg.model.context_slices + 1):
+        names += [f"b-{k}", f"m-{k}", f"b+{k}", f"m+{k}"]
+    return names + (["atlas"] if cfg.model.atlas else []) + ["x_t"]
 
 
 def size_multiple(model_cfg) -> int:

@@ -180,6 +180,9 @@ class ModelConfig(_Section):
     # depth where it is cheap. Each starts as the identity, so trained weights without them
     # warm-start a network with them (`train.init_weights`).
     extra_middle_blocks: int = setting(0, ge=0)
+    # The population atlas's residual over its harmonic fill as one more input channel
+    # (brainpaint.atlas); the atlas, built from the training brains, is kept in the weights.
+    atlas: bool = False
 
     def validate(self) -> None:
         if self.channel_mult is not None and not self.channel_mult:

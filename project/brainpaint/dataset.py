@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from .atlas import atlas_residual
 from .brats_io import CaseError, discover_cases, load_case
 from .distributed import ignore_stop_signals
 from .errors import MaskPlacementError
@@ -42,41 +43,50 @@ from .masks import generate_masks
 class VolumeInputs:
     """Network-scale inputs of one (volume, mask): `b` and `mask` are [X, Y, Z] (float32 or,
     in the training cache, a byte mask); `mirror_shift` is the midline of the mirrored channels
-    (`geometry.mirror_x`), None without `data.mirror`."""
+    (`geometry.mirror_x`), None without `data.mirror`; `atlas` the atlas residual
+    (`atlas.atlas_residual`, [X, Y, Z]), None without `model.atlas`."""
 
     imap: IntensityMap
     b: np.ndarray
     mask: np.ndarray
     mirror_shift: Optional[int] = None
+    atlas: Optional[np.ndarray] = None
 
     def in_plane(self, plane: str) -> "VolumeInputs":
         """The same inputs with `plane`'s slices on the last axis (`geometry.to_plane`, views)."""
-        return VolumeInputs(self.imap, to_plane(self.b, plane), to_plane(self.mask, plane), self.mirror_shift)
+        turn = lambda a: None if a is None else to_plane(a, plane)  # noqa: E731
+        return VolumeInputs(self.imap, turn(self.b), turn(self.mask), self.mirror_shift, turn(self.atlas))
 
     def z_range(self, z0: int, z1: int) -> "VolumeInputs":
         """The same inputs restricted to slices z0 .. z1 - 1."""
-        cut = lambda a: np.ascontiguousarray(a[:, :, z0:z1])  # noqa: E731
-        return VolumeInputs(self.imap, cut(self.b), cut(self.mask), self.mirror_shift)
+        cut = lambda a: None if a is None else np.ascontiguousarray(a[:, :, z0:z1])  # noqa: E731
+        return VolumeInputs(self.imap, cut(self.b), cut(self.mask), self.mirror_shift, cut(self.atlas))
 
 
 @dataclass
 class PriorCache:
     """What `volume_inputs` would compute expensively: the harmonic fill at the mask voxels
-    (input scale) and the midline shift. Either may be None (then it is computed)."""
+    (input scale), the midline shift and the atlas residual at the mask voxels. Any may be
+    None (then it is computed)."""
 
     fill: Optional[np.ndarray] = None
     shift: Optional[int] = None
+    atlas: Optional[np.ndarray] = None
 
 
-def volume_inputs(voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optional[PriorCache] = None) -> VolumeInputs:
+def volume_inputs(
+    voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optional[PriorCache] = None, atlas: Optional[np.ndarray] = None
+) -> VolumeInputs:
     """Normalise a voided volume and build the conditioning volume `b`.
 
     The intensity map is fitted on the voided volume exactly as the official metric does,
     so [0, 1] here is the metric's scale. With `prior="harmonic"` the region inside the mask
     holds the 3D harmonic fill of the surrounding tissue instead of zeros, which turns the
     network's job into predicting a residual texture rather than the whole region. With
-    `data.mirror` the midline is found for the mirrored channels. `known` passes a fill or
-    midline computed before (training caches, repeated scoring of the same case).
+    `data.mirror` the midline is found for the mirrored channels. With an `atlas`
+    (`model.atlas`) its residual over its own harmonic fill is computed
+    (`atlas.atlas_residual`). `known` passes a fill, midline or atlas residual computed
+    before (training caches, repeated scoring of the same case).
     """
     known = known or PriorCache()
     mask = np.asarray(mask, dtype=bool)
@@ -95,15 +105,27 @@ def volume_inputs(voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optiona
     shift = None
     if data_cfg.mirror:
         shift = midline_shift(voided, (voided != 0) & ~mask) if known.shift is None else int(known.shift)
-    return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift)
+    residual = None
+    if atlas is not None:
+        if known.atlas is None:
+            residual = atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask)
+        else:
+            residual = np.zeros(mask.shape, np.float32)
+            residual[mask] = known.atlas
+    return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift, residual)
 
 
-def prior_cache(voided: np.ndarray, mask: np.ndarray) -> PriorCache:
-    """The harmonic fill (at the mask voxels) and midline of a voided volume."""
+def prior_cache(voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None) -> PriorCache:
+    """The harmonic fill (at the mask voxels), midline and, given an `atlas`, the atlas
+    residual (at the mask voxels) of a voided volume."""
     voided = np.asarray(voided, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
     fill = harmonic_fill(voided, mask)[mask] if mask.any() else np.zeros(0, np.float32)
-    return PriorCache(fill=fill, shift=midline_shift(voided, (voided != 0) & ~mask))
+    residual = None
+    if atlas is not None:
+        imap = IntensityMap.fit(voided)
+        residual = atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask)[mask]
+    return PriorCache(fill=fill, shift=midline_shift(voided, (voided != 0) & ~mask), atlas=residual)
 
 
 def encode_target(gt_norm, b, prior: str):
@@ -133,11 +155,12 @@ def clip_bound(prior: str) -> float:
 
 
 def slice_conditioning(vin: VolumeInputs, z: int, box, context_slices: int) -> np.ndarray:
-    """Conditioning channels of slice z: [b_z, m_z, (b~_z, m~_z), b_{z-1}, m_{z-1}, b_{z+1}, m_{z+1}, ...].
+    """Conditioning channels of slice z: [b_z, m_z, (b~_z, m~_z), b_{z-1}, m_{z-1}, b_{z+1}, m_{z+1}, ..., (a_z)].
 
     b~ and m~ are b and m mirrored about the midline (only with `vin.mirror_shift`): the other
     hemisphere, for the network to compare. Neighbours are ordered by distance (z-1, z+1, z-2,
-    z+2, ...); beyond the volume edge they are zeros. Every channel is cropped to `box`.
+    z+2, ...); beyond the volume edge they are zeros. a_z is the atlas residual (only with
+    `vin.atlas`), last. Every channel is cropped to `box`.
     """
     depth = vin.b.shape[2]
     offsets = [0]
@@ -153,6 +176,8 @@ def slice_conditioning(vin: VolumeInputs, z: int, box, context_slices: int) -> n
             channels += [blank, blank]
     if vin.mirror_shift is not None:
         channels[2:2] = [crop(mirror_x(a[:, :, z], vin.mirror_shift), box) for a in (vin.b, vin.mask)]
+    if vin.atlas is not None:
+        channels.append(crop(vin.atlas[:, :, z], box))
     return np.stack(channels).astype(np.float32, copy=False)
 
 
@@ -192,9 +217,10 @@ class IntensityAugmentation:
         return np.clip(out, 0.0, 1.0).astype(np.float32)
 
     def apply(self, cond: np.ndarray, gt: np.ndarray, mirror: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Augmented copies of the conditioning (image channels only, masks untouched) and target."""
+        """Augmented copies of the conditioning (image channels only; masks and a trailing atlas
+        residual, the population's and not this scan's, untouched) and target."""
         cond = cond.copy()
-        for c in range(0, cond.shape[0], 2):  # b, (mirrored b), neighbouring b's
+        for c in range(0, cond.shape[0] - cond.shape[0] % 2, 2):  # b, (mirrored b), neighbouring b's
             cond[c] = self._image(cond[c], self.mirror_field if (mirror and c == 2) else self.field)
         return cond, self._image(gt, self.field)
 
@@ -298,6 +324,8 @@ class SliceDataset(Dataset):
         self.pairs: list[tuple[int, int]] = [(u, z) for u, unit in enumerate(self.units) for z in unit.z_slices]
         self._cache: OrderedDict[int, _Prepared] = OrderedDict()
         self._bad_units: set[int] = set()
+        # The population atlas (`atlas.build_atlas`) with `model.atlas`; the trainer sets it.
+        self.atlas: Optional[np.ndarray] = None
         self.decode_count = 0
         self._rng = random.Random(seed)
 
@@ -331,7 +359,7 @@ class SliceDataset(Dataset):
 
     @property
     def channels(self) -> int:
-        return 2 + 2 * self.cfg.data.mirror + 4 * self.cfg.model.context_slices
+        return 2 + 2 * self.cfg.data.mirror + 4 * self.cfg.model.context_slices + int(self.cfg.model.atlas)
 
     # ------------------------------------------------------------------ decoding
     def prepared(self, unit_index: int) -> _Prepared:
@@ -357,7 +385,11 @@ class SliceDataset(Dataset):
         else:
             mask = self._extra_mask(unit.case_index, unit.k, t1n.shape)
         voided = np.where(mask, np.float32(0), t1n)
-        vin = volume_inputs(voided, mask, self.cfg.data, self._cached_prior(case.id, unit.k, voided, mask))
+        atlas = self.atlas if self.cfg.model.atlas else None
+        if self.cfg.model.atlas and atlas is None:
+            raise RuntimeError("model.atlas is set but the data set has no atlas (SliceDataset.atlas)")
+        known = self._cached_prior(case.id, unit.k, voided, mask, atlas)
+        vin = volume_inputs(voided, mask, self.cfg.data, known, atlas)
         gt = vin.imap.normalize(t1n)
         # The fill and midline are those of the volume; only the slicing turns with the plane.
         vin = vin.in_plane(unit.plane)
@@ -380,23 +412,31 @@ class SliceDataset(Dataset):
         view.mask = view.mask.astype(np.uint8)  # 0/1: bytes keep the cache small
         return _Prepared(vin=view, gt=np.ascontiguousarray(gt[:, :, z0:z1], dtype=np.float32), z0=z0, full_box=full_box)
 
-    def _cached_prior(self, case_id: str, k: int, voided: np.ndarray, mask: np.ndarray) -> Optional[PriorCache]:
-        """The unit's harmonic fill and midline from `data.cache_dir` (computed and stored there
-        on first use, keyed by the voided volume and mask); None without a cache folder."""
+    def _cached_prior(
+        self, case_id: str, k: int, voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None
+    ) -> Optional[PriorCache]:
+        """The unit's harmonic fill, midline and (given an `atlas`) atlas residual from
+        `data.cache_dir` (computed and stored there on first use, keyed by the voided volume,
+        the mask and the atlas); None without a cache folder."""
         if not self.cfg.data.cache_dir:
             return None
         key = zlib.crc32(np.packbits(mask).tobytes()) ^ zlib.crc32(np.ascontiguousarray(voided).tobytes())
-        path = Path(self.cfg.data.cache_dir) / f"{case_id}-{k:03d}-{key:08x}.npz"
+        name = f"{case_id}-{k:03d}-{key:08x}"
+        if atlas is not None:
+            name += f"-atlas{zlib.crc32(np.ascontiguousarray(atlas, np.float32).tobytes()):08x}"
+        path = Path(self.cfg.data.cache_dir) / f"{name}.npz"
         if path.is_file():
             try:
                 with np.load(path) as data:
-                    return PriorCache(fill=data["fill"], shift=int(data["shift"]))
+                    residual = data["atlas"] if atlas is not None else None
+                    return PriorCache(fill=data["fill"], shift=int(data["shift"]), atlas=residual)
             except (OSError, ValueError, KeyError):  # a damaged entry is computed again
                 pass
-        known = prior_cache(voided, mask)
+        known = prior_cache(voided, mask, atlas)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, fill=known.fill.astype(np.float32), shift=np.int64(known.shift))
+        extra = {"atlas": known.atlas.astype(np.float32)} if known.atlas is not None else {}
+        np.savez(tmp, fill=known.fill.astype(np.float32), shift=np.int64(known.shift), **extra)
         os.replace(tmp, path)
         return known
 

@@ -41,6 +41,7 @@ from .checkpoints import (
     set_rng_state,
 )
 from .config import Config, model_config_yaml
+from .atlas import atlas_from_cases
 from .dataset import SliceDataset, train_loader
 from .devices import select_device
 from .diffusion import GaussianDiffusion
@@ -50,7 +51,7 @@ from .errors import CaseError, ConfigError, TrainError, one_line
 from .train_log import LOG_NAME, CsvLog, Progress
 from .unet import build_unet, network_channels, size_multiple
 from .validation import Validator, masked_ssim_psnr
-from .weights import WEIGHTS_NAME, export_ema, export_weights, load_model, warm_start
+from .weights import WEIGHTS_NAME, export_ema, export_weights, hold_atlas, load_model, warm_start
 
 # Names tests, benchmarks and scripts import from here.
 __all__ = [
@@ -124,6 +125,9 @@ class Trainer:
         elif self.tc.init_weights:
             warm_start(self.raw, self.ema, self.cfg, Path(self.tc.init_weights), self.device)
             self.say(f"starting from the weights in {self.tc.init_weights} (model and EMA; new optimizer, step 0)")
+        if self.cfg.model.atlas:  # the data sets compute the atlas channel from the network's atlas
+            build = lambda: atlas_from_cases(self.dataset.cases, log=self.say)  # noqa: E731
+            self.dataset.atlas = self.val_set.atlas = hold_atlas(self.raw, self.ema, build)
         if self.rng is None:
             seed_all(self.tc.seed * 1000003 + dist.rank * 7919 + self.step)  # each rank draws its own noise
 

@@ -28,29 +28,38 @@ import torch.nn.functional as F
 from torch import nn
 
 # The architecture description lives in a torch-free module (the configuration checks it).
-from .architecture import PRESETS, network_channels, resolve_architecture, size_multiple  # noqa: F401
+from .architecture import PRESETS, input_layout, network_channels, resolve_architecture, size_multiple  # noqa: F401
+from .atlas import ATLAS_SHAPE
 
 INPUT_CONV = "input_blocks.0.0.weight"  # state-dict key of the first convolution, [C, in, k, k]
 
 
-def widen_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """The first convolution of a network with more context slices, from one with fewer.
+def widen_input_conv(weight: torch.Tensor, before: list[str], after: list[str]) -> torch.Tensor:
+    """The first convolution of a network with more inputs (`input_layout` `after`), from one
+    with fewer (`before`).
 
-    More context slices append conditioning channels after the existing ones, and x_t stays
-    last (see `network_channels`): the shared channels keep their weights and the new ones start
-    at zero, so the wider network computes exactly the function of the narrower one until it
-    learns to use its new inputs (a 2D model warm-starts a 2.5D one).
+    More context slices or the atlas residual add conditioning channels: the channels both
+    networks have keep their weights, matched by name, and the new ones start at zero, so the
+    wider network computes exactly the function of the narrower one until it learns to use its
+    new inputs (a 2D model warm-starts a 2.5D one).
     """
-    shared = weight.shape[1] - 1  # the conditioning channels both networks have
-    out = weight.new_zeros((weight.shape[0], in_channels, *weight.shape[2:]))
-    out[:, :shared] = weight[:, :shared]
-    out[:, -1] = weight[:, -1]
+    if weight.shape[1] != len(before):
+        raise ValueError(f"the input convolution has {weight.shape[1]} channels, the layout {len(before)}")
+    out = weight.new_zeros((weight.shape[0], len(after), *weight.shape[2:]))
+    for i, name in enumerate(after):
+        if name in before:
+            out[:, i] = weight[:, before.index(name)]
     return out
 
 
 def build_unet(model_cfg, in_channels: int, out_channels: int) -> "UNet":
     """Build the U-Net described by ``model_cfg`` (preset plus overrides)."""
-    return UNet(in_channels=in_channels, out_channels=out_channels, **resolve_architecture(model_cfg))
+    net = UNet(in_channels=in_channels, out_channels=out_channels, **resolve_architecture(model_cfg))
+    if getattr(model_cfg, "atlas", False):
+        # The population atlas (brainpaint.atlas) the atlas channel is computed from. Not used
+        # by forward(): a buffer, so that checkpoints and weights files carry it.
+        net.register_buffer("atlas", torch.zeros(ATLAS_SHAPE))
+    return net
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from safetensors import safe_open
@@ -20,7 +21,7 @@ from .atomic import atomic_write
 from .checkpoints import check_same_model, checkpoint_step, cpu_tensors, newest_checkpoint
 from .config import Config, model_config_yaml
 from .errors import TrainError
-from .unet import INPUT_CONV, build_unet, network_channels, widen_input_conv
+from .unet import INPUT_CONV, build_unet, input_layout, network_channels, widen_input_conv
 # Re-exported: the predictor and older callers import the weights resolution from here.
 from .weights_path import DEFAULT_WEIGHTS, WEIGHTS_ENV, WEIGHTS_NAME, resolve_weights  # noqa: F401
 
@@ -77,9 +78,10 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
     """Load an exported weights file into a fresh run's model and EMA (`train.init_weights`).
 
     The file must hold the network `cfg` describes; a 2D network may start a 2.5D one (more
-    context slices), whose new input channels start at zero weight (`unet.widen_input_conv`),
-    and a network may gain middle blocks (`model.extra_middle_blocks`), which start as the
-    identity.
+    context slices) and any network the atlas channel (`model.atlas`): their new input
+    channels start at zero weight (`unet.widen_input_conv`), and the atlas buffer the file
+    lacks stays zero for the trainer to build. A network may also gain middle blocks
+    (`model.extra_middle_blocks`), which start as the identity.
     """
     if not weights.is_file():
         raise TrainError(f"train.init_weights: weights file not found: {weights}")
@@ -91,20 +93,35 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
     saved = yaml.safe_load(meta["config"]) or {}
     hint = "train a network like it or drop train.init_weights"
     # The ways a network may grow from its file (and what it would lose going the other way).
-    growable = {"context_slices": "input channels", "extra_middle_blocks": "middle blocks"}
+    growable = {"context_slices": "input channels", "extra_middle_blocks": "middle blocks", "atlas": "the atlas channel"}
     check_same_model(saved, resolved, weights, hint=hint, skip=tuple(f"model.{key}" for key in growable))
     before = {key: int((saved.get("model") or {}).get(key, 0) or 0) for key in growable}
     for key, what in growable.items():
         if before[key] > getattr(cfg.model, key):
             raise TrainError(
-                f"train.init_weights: {weights} was trained with model.{key}={before[key]}, "
+                f"train.init_weights: {weights} was trained with model.{key}={saved['model'][key]}, "
                 f"the parameters say {getattr(cfg.model, key)}; a network cannot drop {what}, {hint}"
             )
     tensors = load_file(str(weights), device=str(device))
-    if before["context_slices"] < cfg.model.context_slices:
-        tensors[INPUT_CONV] = widen_input_conv(tensors[INPUT_CONV], network_channels(cfg)[0])
-    # Middle blocks the file lacks keep this network's initialisation: they start as the identity.
+    layout = input_layout(cfg)
+    saved_layout = input_layout(Config.from_dict(saved))
+    if saved_layout != layout:
+        tensors[INPUT_CONV] = widen_input_conv(tensors[INPUT_CONV], saved_layout, layout)
+    # Middle blocks the file lacks keep this network's initialisation: they start as the
+    # identity; an atlas buffer it lacks stays zero (the trainer builds the atlas).
     fresh = model.state_dict()
-    tensors.update({k: v.detach().clone() for k, v in fresh.items() if k not in tensors and k.startswith("middle_block.")})
+    grown = ("middle_block.", "atlas")
+    tensors.update({k: v.detach().clone() for k, v in fresh.items() if k not in tensors and k.startswith(grown)})
     model.load_state_dict(tensors)
     ema.load(tensors)
+
+
+def hold_atlas(model: nn.Module, ema, build) -> np.ndarray:
+    """The atlas buffer of a `model.atlas` network as an array: the one of the checkpoint or
+    weights it started from, else `build()` (`atlas.atlas_from_cases`), copied into the model
+    and its EMA so that checkpoints and exports carry it."""
+    held = model.atlas
+    if not bool(held.abs().sum()):
+        held.copy_(torch.from_numpy(build()).to(held.device))
+        ema.state["atlas"] = held.detach().clone().float()
+    return held.detach().float().cpu().numpy()

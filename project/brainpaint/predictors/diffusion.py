@@ -111,6 +111,8 @@ class DiffusionInpainter:
         self.multiple = size_multiple(self.model_cfg.model)
         # Harmonic fills and midlines known in advance, by case id (scoring the same cases again).
         self.known_priors: dict[str, PriorCache] = {}
+        # The population atlas the weights carry (`model.atlas`), for the atlas channel.
+        self.atlas = self.model.atlas.detach().float().cpu().numpy() if self.model_cfg.model.atlas else None
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:
@@ -195,7 +197,7 @@ class DiffusionInpainter:
         if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
         if vin is None:
-            vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id))
+            vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id), self.atlas)
         box = self.slice_box(data) if box is None else box
         zs = [int(z) for z in np.flatnonzero(geometry.crop(mask, box).any(axis=(0, 1)))]
         if not zs:  # a window of the grid that holds no mask voxel
@@ -241,7 +243,7 @@ class DiffusionInpainter:
         mask = np.asarray(data.mask, dtype=bool)
         if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
-        vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id))
+        vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id), self.atlas)
         # Normalised volume: known voxels from the voided image; each member fills the mask.
         base = vin.imap.normalize(data.voided)
         members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)

@@ -1,0 +1,97 @@
+"""The population atlas: box alignment, the residual over its harmonic fill, one brain per subject."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import synth
+from brainpaint.atlas import (
+    ATLAS_SHAPE,
+    atlas_from_cases,
+    atlas_residual,
+    brain_box,
+    build_atlas,
+    from_canonical,
+    to_canonical,
+)
+from brainpaint.brats_io import discover_cases
+
+
+def _ramp_brain(shape, box) -> np.ndarray:
+    """Zero background; inside `box` an intensity that rises linearly along x across the box."""
+    vol = np.zeros(shape, np.float32)
+    n = box[0].stop - box[0].start
+    vol[box] = np.linspace(100.0, 1000.0, n, dtype=np.float32)[:, None, None]
+    return vol
+
+
+def test_brains_of_other_sizes_and_places_meet_on_the_canonical_box():
+    small = (slice(10, 40), slice(8, 44), slice(5, 30))
+    large = (slice(2, 62), slice(0, 50), slice(12, 40))
+    a, b = _ramp_brain((64, 56, 44), small), _ramp_brain((64, 56, 44), large)
+    assert brain_box(a != 0) == small and brain_box(b != 0) == large
+    ca, cb = to_canonical(a, small), to_canonical(b, large)
+    assert ca.shape == ATLAS_SHAPE
+    np.testing.assert_allclose(ca, cb, atol=1e-3 * 1000)
+    # the atlas is the mean of the brains, each on its own metric scale
+    atlas = build_atlas([a, b])
+    assert atlas.shape == ATLAS_SHAPE and 0.0 <= atlas.min() and atlas.max() <= 1.0
+    assert atlas[-1].mean() > 0.9 and atlas[0].mean() < 0.2  # bright at the high-x side of every brain
+    # and goes back onto any box
+    back = from_canonical(atlas, large, b.shape)
+    assert brain_box(back != 0) == large and not back[:2].any()
+
+
+def test_no_brain_is_an_error():
+    with pytest.raises(ValueError, match="no brain"):
+        build_atlas([np.zeros((8, 8, 8), np.float32)])
+    assert brain_box(np.zeros((4, 4, 4), bool)) is None
+
+
+def test_the_residual_of_a_harmonic_atlas_is_zero_and_of_a_dark_core_negative():
+    shape = (48, 48, 32)
+    box = (slice(4, 44), slice(4, 44), slice(2, 30))
+    brain = np.zeros(shape, bool)
+    brain[box] = True
+    mask = synth.make_mask(shape, centre=(24, 24, 16), radius=6).astype(bool)
+    # a linear ramp is harmonic: its harmonic fill is itself, so the atlas adds nothing
+    ramp = np.broadcast_to(np.linspace(0.2, 0.8, ATLAS_SHAPE[0], dtype=np.float32)[:, None, None], ATLAS_SHAPE)
+    b = from_canonical(ramp, box, shape)
+    residual = atlas_residual(ramp, b, mask, brain)
+    assert residual.dtype == np.float32 and not residual[~mask].any()
+    assert np.abs(residual[mask]).max() < 2e-3
+    # a dark core where the mask lies: the residual says "darker than the border suggests"
+    core = np.full(ATLAS_SHAPE, 0.8, np.float32)
+    c = [n // 2 for n in ATLAS_SHAPE]
+    core[c[0] - 8 : c[0] + 8, c[1] - 8 : c[1] + 8, c[2] - 8 : c[2] + 8] = 0.3
+    b = from_canonical(core, box, shape)
+    residual = atlas_residual(core, b, mask, brain)
+    assert residual[24, 24, 16] < -0.3 and not residual[~mask].any()
+
+
+def test_the_residual_takes_the_case_intensity_scale_from_the_known_voxels():
+    shape = (48, 48, 32)
+    box = (slice(4, 44), slice(6, 42), slice(2, 30))
+    brain = np.zeros(shape, bool)
+    brain[box] = True
+    mask = synth.make_mask(shape, centre=(22, 26, 15), radius=5).astype(bool)
+    rng = np.random.default_rng(0)
+    atlas = (0.5 + 0.2 * rng.standard_normal(ATLAS_SHAPE)).astype(np.float32)
+    b = from_canonical(atlas, box, shape)
+    same = atlas_residual(atlas, b, mask, brain)
+    dimmer = atlas_residual(atlas, np.where(brain, 0.5 * b + 0.1, 0), mask, brain)
+    assert np.abs(same[mask]).max() > 0.05
+    np.testing.assert_allclose(dimmer, 0.5 * same, atol=1e-4)
+
+
+def test_an_atlas_counts_every_subject_once(tmp_path):
+    synth.write_case(tmp_path, "BraTS-SYN-00001-000", seed=0)
+    synth.write_case(tmp_path, "BraTS-SYN-00001-001", seed=0, centre=(20, 20, 10))
+    synth.write_case(tmp_path, "BraTS-SYN-00002-000", seed=1)
+    cases, errors = discover_cases(tmp_path, labels=True)
+    assert len(cases) == 3 and not errors
+    said = []
+    atlas = atlas_from_cases(cases, log=said.append)
+    one_each = build_atlas([synth.make_brain(seed=0).round(), synth.make_brain(seed=1).round()])
+    np.testing.assert_allclose(atlas, one_each, atol=1e-6)
+    assert said == ["atlas: mean of 2 brain(s) on a 120x144x120 grid"]
