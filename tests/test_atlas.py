@@ -1,6 +1,9 @@
 """The population atlas: box alignment, the residual over its harmonic fill, one brain per subject."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -95,3 +98,24 @@ def test_an_atlas_counts_every_subject_once(tmp_path):
     one_each = build_atlas([synth.make_brain(seed=0).round(), synth.make_brain(seed=1).round()])
     np.testing.assert_allclose(atlas, one_each, atol=1e-6)
     assert said == ["atlas: mean of 2 brain(s) on a 120x144x120 grid"]
+
+
+def test_the_atlas_information_benchmark_scores_both_fills_or_skips_loudly(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "atlas_information.py"
+    spec = importlib.util.spec_from_file_location("atlas_information", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    for i in range(2):
+        synth.write_case(tmp_path / "train", f"BraTS-SYN-0000{i}-000", seed=i)
+    synth.write_case(tmp_path / "val", "BraTS-SYN-00009-000", seed=9, radius=6)
+    assert bench.main(["--data", str(tmp_path / "val"), "--atlas-from", str(tmp_path / "train")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| case | harmonic SSIM") and out[2].startswith("| BraTS-SYN-00009-000 | 0.")
+    assert out[3].startswith("| **mean** |") and len(out) == 4
+
+    plain = synth.tiny_weights(tmp_path / "plain.safetensors")
+    with pytest.raises(SystemExit, match="holds no atlas"):
+        bench.main(["--data", str(tmp_path / "val"), "--weights", str(plain)])
+    assert bench.main(["--data", str(tmp_path / "absent"), "--weights", str(plain)]) == 0
+    assert "SKIPPED" in capsys.readouterr().err
