@@ -10,7 +10,7 @@ import torch
 import synth
 from brainpaint import dataset as ds_mod
 from brainpaint import masks
-from brainpaint.atlas import atlas_from_cases, atlas_residual
+from brainpaint.atlas import atlas_from_cases, atlas_residual, build_atlas
 from brainpaint.config import Config
 from brainpaint.dataset import (
     SliceDataset,
@@ -21,6 +21,7 @@ from brainpaint.dataset import (
     slice_conditioning,
     volume_inputs,
 )
+from brainpaint.errors import ConfigError
 from brainpaint.harmonic import harmonic_fill
 from brainpaint.intensity import IntensityMap
 
@@ -56,6 +57,20 @@ def test_volume_inputs_harmonic_prior_holds_the_normalised_fill():
     expected = vin.imap.normalize(harmonic_fill(voided, mask))
     np.testing.assert_allclose(vin.b, expected, atol=1e-6)
     assert vin.b[mask].min() > 0.1  # tissue intensities inside, not the zeros of the voided image
+
+
+def test_the_atlas_gain_adds_that_share_of_the_atlas_residual_to_the_harmonic_fill():
+    brain, mask, voided = _volume()
+    atlas = build_atlas([synth.make_brain(seed=5)])
+    cfg = lambda gain: Config.from_dict({"model": {"preset": "tiny", "atlas": True},  # noqa: E731
+                                         "data": {"prior": "harmonic", "atlas_gain": gain}})
+    plain, guided = (volume_inputs(voided, mask, cfg(g).data, atlas=atlas) for g in (0.0, 0.5))
+    np.testing.assert_array_equal(guided.atlas, plain.atlas)
+    assert np.abs(plain.atlas[mask]).max() > 0.05
+    np.testing.assert_allclose(guided.b, np.clip(plain.b + 0.5 * plain.atlas, 0, 1), atol=1e-6)
+    np.testing.assert_array_equal(guided.b[~mask], plain.b[~mask])
+    with pytest.raises(ConfigError, match="data.atlas_gain needs model.atlas: true and data.prior: harmonic"):
+        Config.from_dict({"data": {"prior": "harmonic", "atlas_gain": 0.5}})
 
 
 def test_unknown_prior_is_rejected():

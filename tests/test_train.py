@@ -418,6 +418,17 @@ def test_init_weights_adds_the_atlas_channel_computing_the_same_function_and_bui
     assert "was trained with model.atlas=True, the parameters say False" in capsys.readouterr().err
 
 
+def test_weights_start_a_run_with_another_atlas_gain_but_a_run_resumes_only_with_its_own(tmp_path, data, capsys):
+    guided = {"model": {"atlas": True}, "data": {"prior": "harmonic", "atlas_gain": 0.5}}
+    plain = tmp_path / "plain"
+    assert run_train(_cfg(model={"atlas": True}, data={"prior": "harmonic"}, train={"max_steps": 2}), data, plain) == 0
+    start = _cfg(**guided, train={"max_steps": 2, "init_weights": str(plain / "model.safetensors")})
+    assert run_train(start, data, tmp_path / "guided") == 0
+    assert weights_config(tmp_path / "guided" / "model.safetensors").data.atlas_gain == 0.5
+    assert run_train(_cfg(model={"atlas": True}, data={"prior": "harmonic"}, train={"max_steps": 4}), data, tmp_path / "guided") == 1
+    assert "was trained with data.atlas_gain=0.5, the parameters say 0.0" in capsys.readouterr().err
+
+
 def test_a_resumed_run_keeps_its_atlas_even_when_the_training_brains_change(tmp_path, data):
     out = tmp_path / "run"
     assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 2}), data, out) == 0

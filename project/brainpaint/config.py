@@ -236,6 +236,11 @@ class DataConfig(_Section):
     # Conditioning prior inside the mask: "none" (voided, the paper) or "harmonic"
     # (the model learns the residual over a 3D harmonic fill).
     prior: str = setting("none", choices=PRIORS)
+    # With model.atlas and the harmonic prior: the fill inside the mask is the harmonic fill plus
+    # this share of the atlas residual (brainpaint.atlas), the population's guess of the structure
+    # a harmonic fill misses; the network then learns the residual over that fill. 0: the plain
+    # harmonic fill.
+    atlas_gain: float = setting(0.0, ge=0)
     flip_prob: float = setting(0.5, ge=0, le=1)
     # Extra procedurally generated healthy masks per training brain (0 = only mask-healthy).
     extra_masks_per_volume: int = setting(0, ge=0)
@@ -371,6 +376,8 @@ class Config:
 
     def __post_init__(self) -> None:
         self.explicit: frozenset[str] = frozenset()
+        if self.data.atlas_gain and not (self.model.atlas and self.data.prior == "harmonic"):
+            raise ConfigError("data.atlas_gain needs model.atlas: true and data.prior: harmonic (it adds to the harmonic fill)")
         if self.train.val_every and self.train.val_steps > self.diffusion.steps:
             raise ConfigError(
                 f"train.val_steps must be <= diffusion.steps ({self.diffusion.steps}), got {self.train.val_steps}"

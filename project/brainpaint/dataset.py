@@ -85,8 +85,9 @@ def volume_inputs(
     network's job into predicting a residual texture rather than the whole region. With
     `data.mirror` the midline is found for the mirrored channels. With an `atlas`
     (`model.atlas`) its residual over its own harmonic fill is computed
-    (`atlas.atlas_residual`). `known` passes a fill, midline or atlas residual computed
-    before (training caches, repeated scoring of the same case).
+    (`atlas.atlas_residual`), and `data.atlas_gain` times it is added to the fill in `b`.
+    `known` passes a fill, midline or atlas residual computed before (training caches,
+    repeated scoring of the same case).
     """
     known = known or PriorCache()
     mask = np.asarray(mask, dtype=bool)
@@ -112,6 +113,8 @@ def volume_inputs(
         else:
             residual = np.zeros(mask.shape, np.float32)
             residual[mask] = known.atlas
+        if data_cfg.atlas_gain:  # the atlas-guided fill (the residual is zero outside the mask)
+            b = np.clip(b + np.float32(data_cfg.atlas_gain) * residual, 0.0, 1.0)
     return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift, residual)
 
 

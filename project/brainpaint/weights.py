@@ -94,7 +94,9 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
     hint = "train a network like it or drop train.init_weights"
     # The ways a network may grow from its file (and what it would lose going the other way).
     growable = {"context_slices": "input channels", "extra_middle_blocks": "middle blocks", "atlas": "the atlas channel"}
-    check_same_model(saved, resolved, weights, hint=hint, skip=tuple(f"model.{key}" for key in growable))
+    # The atlas gain changes only the fill the network corrects: a fine-tune adapts to another.
+    skip = tuple(f"model.{key}" for key in growable) + ("data.atlas_gain",)
+    check_same_model(saved, resolved, weights, hint=hint, skip=skip)
     before = {key: int((saved.get("model") or {}).get(key, 0) or 0) for key in growable}
     for key, what in growable.items():
         if before[key] > getattr(cfg.model, key):
