@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from brainpaint.atlas import atlas_from_cases, atlas_residual
+from brainpaint.atlas import atlas_for, atlas_from_cases, atlas_residual
 from brainpaint.brats_io import discover_cases, load_case
 from brainpaint.evaluate import official_metrics
 from brainpaint.harmonic import harmonic_fill
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         voided, mask = np.asarray(data.voided, np.float32), np.asarray(data.mask, bool)
         harmonic = harmonic_fill(voided, mask)
         imap = IntensityMap.fit(voided)
-        residual = atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask)
+        residual = atlas_residual(atlas_for(atlas, data.affine), imap.normalize(voided), mask, (voided != 0) | mask)
         guided = np.where(mask, imap.denormalize(np.clip(imap.normalize(harmonic) + residual, 0, 1)), voided)
         h, a = (official_metrics(fill, data.t1n, voided, mask) for fill in (harmonic, guided))
         scores["h"].append(h)

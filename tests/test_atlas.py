@@ -10,12 +10,14 @@ import pytest
 import synth
 from brainpaint.atlas import (
     ATLAS_SHAPE,
+    atlas_for,
     atlas_from_cases,
     atlas_residual,
     brain_box,
     build_atlas,
     from_canonical,
     to_canonical,
+    to_ras,
 )
 from brainpaint.brats_io import discover_cases
 
@@ -95,7 +97,9 @@ def test_an_atlas_counts_every_subject_once(tmp_path):
     assert len(cases) == 3 and not errors
     said = []
     atlas = atlas_from_cases(cases, log=said.append)
-    one_each = build_atlas([synth.make_brain(seed=0).round(), synth.make_brain(seed=1).round()])
+    # the synthetic cases are stored like BraTS (LPS): the atlas holds them turned to RAS
+    lps = synth.default_affine()
+    one_each = build_atlas([to_ras(synth.make_brain(seed=s).round(), lps) for s in (0, 1)])
     np.testing.assert_allclose(atlas, one_each, atol=1e-6)
     assert said == ["atlas: mean of 2 brain(s) on a 120x144x120 grid"]
 
@@ -119,3 +123,16 @@ def test_the_atlas_information_benchmark_scores_both_fills_or_skips_loudly(tmp_p
         bench.main(["--data", str(tmp_path / "val"), "--weights", str(plain)])
     assert bench.main(["--data", str(tmp_path / "absent"), "--weights", str(plain)]) == 0
     assert "SKIPPED" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("affine", [np.diag([-1.0, -1.0, 1.0, 1.0]), np.array([[0, 0, -1, 9], [1, 0, 0, 0], [0, -1, 0, 7], [0, 0, 0, 1.0]])])
+def test_the_atlas_turns_into_the_array_order_of_each_case(affine):
+    rng = np.random.default_rng(0)
+    volume = rng.random((6, 7, 8)).astype(np.float32)
+    ras = to_ras(volume, affine)
+    assert ras.shape == ((6, 7, 8) if affine[0, 0] else (8, 6, 7))  # R, A, S from array axes 2, 0, 1
+    np.testing.assert_array_equal(atlas_for(ras, affine), volume)
+    # an LPS case's anterior end is its array's low y end: the atlas's high y end lands there
+    if np.allclose(affine, np.diag([-1.0, -1.0, 1.0, 1.0])):
+        ramp = np.broadcast_to(np.arange(7, dtype=np.float32)[None, :, None], (6, 7, 8))
+        assert atlas_for(ramp, affine)[0, 0, 0] == 6 and atlas_for(ramp, affine)[0, 6, 0] == 0

@@ -10,7 +10,7 @@ import torch
 import synth
 from brainpaint import dataset as ds_mod
 from brainpaint import masks
-from brainpaint.atlas import atlas_from_cases, atlas_residual, build_atlas
+from brainpaint.atlas import atlas_for, atlas_from_cases, atlas_residual, build_atlas
 from brainpaint.config import Config
 from brainpaint.dataset import (
     SliceDataset,
@@ -343,7 +343,8 @@ def test_the_atlas_residual_is_the_last_channel_and_no_scan_augmentation_touches
     t1n = synth.make_brain(seed=1).round()
     mask = synth.make_mask(radius=4).astype(bool)
     voided = np.where(mask, 0, t1n).astype(np.float32)
-    expected = atlas_residual(ds.atlas, IntensityMap.fit(voided).normalize(voided), mask, (voided != 0) | mask)
+    turned = atlas_for(ds.atlas, synth.default_affine())  # the atlas in the case's (LPS) array order
+    expected = atlas_residual(turned, IntensityMap.fit(voided).normalize(voided), mask, (voided != 0) | mask)
     np.testing.assert_allclose(plain[2], expected[:, :, z], atol=1e-6)
     assert np.abs(plain[2][mask[:, :, z]]).max() > 0 and not plain[2][~mask[:, :, z]].any()
 

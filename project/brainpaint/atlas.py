@@ -15,7 +15,9 @@ sees that residual as one more input channel (`dataset.slice_conditioning`), and
 itself travels in the weights file as the network's `atlas` buffer.
 
 No registration is done: the box scaling is the whole alignment, so the atlas is blurred by
-the spread of brain shapes, and the network learns how far to trust it.
+the spread of brain shapes, and the network learns how far to trust it. The atlas's axes are
+RAS (`to_ras` turns each training brain by its affine); `atlas_for` turns it into the array
+order of a case, so an LPS-stored BraTS case gets its anterior side where its array has it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import re
 from typing import Callable, Iterable, Optional
 
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
 from .harmonic import harmonic_fill
@@ -30,6 +33,17 @@ from .intensity import IntensityMap
 
 ATLAS_SHAPE = (120, 144, 120)  # about 1.2 mm over an adult brain's bounding box
 FIT_STRIDE = 7  # every 7th known brain voxel fits the intensity line
+RAS = axcodes2ornt("RAS")
+
+
+def to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """`volume` with its axes turned to RAS by its `affine` (flips and transposes only)."""
+    return apply_orientation(np.asarray(volume), io_orientation(np.asarray(affine, np.float64)))
+
+
+def atlas_for(atlas: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The atlas (RAS axes) in the array order of an image with `affine`: `to_ras` undone."""
+    return np.ascontiguousarray(apply_orientation(atlas, ornt_transform(RAS, io_orientation(np.asarray(affine, np.float64)))))
 
 
 def brain_box(brain: np.ndarray) -> Optional[tuple[slice, slice, slice]]:
@@ -112,4 +126,9 @@ def atlas_from_cases(cases, log: Callable[[str], None] = lambda _: None) -> np.n
     for case in cases:
         subject = re.fullmatch(r"(.*-\d+)-\d+", case.id)
         firsts.setdefault(subject.group(1) if subject else case.id, case)
-    return build_atlas((load_case(case, labels=True).t1n for case in firsts.values()), log=log)
+    def brains():
+        for case in firsts.values():
+            data = load_case(case, labels=True)
+            yield to_ras(data.t1n, data.affine)
+
+    return build_atlas(brains(), log=log)

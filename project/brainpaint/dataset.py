@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .atlas import atlas_residual
+from .atlas import atlas_for, atlas_residual
 from .brats_io import CaseError, discover_cases, load_case
 from .distributed import ignore_stop_signals
 from .errors import MaskPlacementError
@@ -388,9 +388,9 @@ class SliceDataset(Dataset):
         else:
             mask = self._extra_mask(unit.case_index, unit.k, t1n.shape)
         voided = np.where(mask, np.float32(0), t1n)
-        atlas = self.atlas if self.cfg.model.atlas else None
-        if self.cfg.model.atlas and atlas is None:
+        if self.cfg.model.atlas and self.atlas is None:
             raise RuntimeError("model.atlas is set but the data set has no atlas (SliceDataset.atlas)")
+        atlas = atlas_for(self.atlas, data.affine) if self.cfg.model.atlas else None
         known = self._cached_prior(case.id, unit.k, voided, mask, atlas)
         vin = volume_inputs(voided, mask, self.cfg.data, known, atlas)
         gt = vin.imap.normalize(t1n)

@@ -32,6 +32,7 @@ import torch
 
 from .. import geometry
 from ..geometry import PLANE_AXES, plane_names, to_plane
+from ..atlas import atlas_for
 from ..brats_io import warn
 from ..config import MODEL_SECTIONS, Config
 from ..dataset import PriorCache, clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
@@ -113,6 +114,10 @@ class DiffusionInpainter:
         self.known_priors: dict[str, PriorCache] = {}
         # The population atlas the weights carry (`model.atlas`), for the atlas channel.
         self.atlas = self.model.atlas.detach().float().cpu().numpy() if self.model_cfg.model.atlas else None
+
+    def case_atlas(self, data) -> Optional[np.ndarray]:
+        """The weights' atlas (RAS axes) in the array order of `data` (`atlas.atlas_for`), or None."""
+        return None if self.atlas is None else atlas_for(self.atlas, data.affine)
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:
@@ -197,7 +202,7 @@ class DiffusionInpainter:
         if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
         if vin is None:
-            vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id), self.atlas)
+            vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id), self.case_atlas(data))
         box = self.slice_box(data) if box is None else box
         zs = [int(z) for z in np.flatnonzero(geometry.crop(mask, box).any(axis=(0, 1)))]
         if not zs:  # a window of the grid that holds no mask voxel
@@ -243,7 +248,7 @@ class DiffusionInpainter:
         mask = np.asarray(data.mask, dtype=bool)
         if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
-        vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id), self.atlas)
+        vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id), self.case_atlas(data))
         # Normalised volume: known voxels from the voided image; each member fills the mask.
         base = vin.imap.normalize(data.voided)
         members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)
