@@ -53,12 +53,17 @@ def test_no_brain_is_an_error():
     assert brain_box(np.zeros((4, 4, 4), bool)) is None
 
 
+def _boxed_brain(box, centre, radius, shape=(48, 48, 32)) -> tuple[np.ndarray, np.ndarray]:
+    """(brain filling `box`, ball mask at `centre`) on `shape`."""
+    brain = np.zeros(shape, bool)
+    brain[box] = True
+    return brain, synth.make_mask(shape, centre=centre, radius=radius).astype(bool)
+
+
 def test_the_residual_of_a_harmonic_atlas_is_zero_and_of_a_dark_core_negative():
     shape = (48, 48, 32)
     box = (slice(4, 44), slice(4, 44), slice(2, 30))
-    brain = np.zeros(shape, bool)
-    brain[box] = True
-    mask = synth.make_mask(shape, centre=(24, 24, 16), radius=6).astype(bool)
+    brain, mask = _boxed_brain(box, centre=(24, 24, 16), radius=6, shape=shape)
     # a linear ramp is harmonic: its harmonic fill is itself, so the atlas adds nothing
     ramp = np.broadcast_to(np.linspace(0.2, 0.8, ATLAS_SHAPE[0], dtype=np.float32)[:, None, None], ATLAS_SHAPE)
     b = from_canonical(ramp, box, shape)
@@ -77,9 +82,7 @@ def test_the_residual_of_a_harmonic_atlas_is_zero_and_of_a_dark_core_negative():
 def test_the_residual_takes_the_case_intensity_scale_from_the_known_voxels():
     shape = (48, 48, 32)
     box = (slice(4, 44), slice(6, 42), slice(2, 30))
-    brain = np.zeros(shape, bool)
-    brain[box] = True
-    mask = synth.make_mask(shape, centre=(22, 26, 15), radius=5).astype(bool)
+    brain, mask = _boxed_brain(box, centre=(22, 26, 15), radius=5, shape=shape)
     rng = np.random.default_rng(0)
     atlas = (0.5 + 0.2 * rng.standard_normal(ATLAS_SHAPE)).astype(np.float32)
     b = from_canonical(atlas, box, shape)

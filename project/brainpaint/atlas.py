@@ -126,6 +126,7 @@ def atlas_from_cases(cases, log: Callable[[str], None] = lambda _: None) -> np.n
     for case in cases:
         subject = re.fullmatch(r"(.*-\d+)-\d+", case.id)
         firsts.setdefault(subject.group(1) if subject else case.id, case)
+
     def brains():
         for case in firsts.values():
             data = load_case(case, labels=True)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from .architecture import input_layout
 from .atlas import atlas_for, atlas_residual
 from .brats_io import CaseError, discover_cases, load_case
 from .distributed import ignore_stop_signals
@@ -109,7 +110,7 @@ def volume_inputs(
     residual = None
     if atlas is not None:
         if known.atlas is None:
-            residual = atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask)
+            residual = _case_atlas_residual(atlas, voided, mask, imap)
         else:
             residual = np.zeros(mask.shape, np.float32)
             residual[mask] = known.atlas
@@ -118,16 +119,19 @@ def volume_inputs(
     return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift, residual)
 
 
+def _case_atlas_residual(atlas: np.ndarray, voided: np.ndarray, mask: np.ndarray, imap: IntensityMap) -> np.ndarray:
+    """`atlas.atlas_residual` of a voided volume: its known voxels on the network scale, its brain
+    the non-zero voxels and the mask."""
+    return atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask)
+
+
 def prior_cache(voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None) -> PriorCache:
     """The harmonic fill (at the mask voxels), midline and, given an `atlas`, the atlas
     residual (at the mask voxels) of a voided volume."""
     voided = np.asarray(voided, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
     fill = harmonic_fill(voided, mask)[mask] if mask.any() else np.zeros(0, np.float32)
-    residual = None
-    if atlas is not None:
-        imap = IntensityMap.fit(voided)
-        residual = atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask)[mask]
+    residual = None if atlas is None else _case_atlas_residual(atlas, voided, mask, IntensityMap.fit(voided))[mask]
     return PriorCache(fill=fill, shift=midline_shift(voided, (voided != 0) & ~mask), atlas=residual)
 
 
@@ -362,7 +366,7 @@ class SliceDataset(Dataset):
 
     @property
     def channels(self) -> int:
-        return 2 + 2 * self.cfg.data.mirror + 4 * self.cfg.model.context_slices + int(self.cfg.model.atlas)
+        return len(input_layout(self.cfg)) - 1  # every input channel but x_t
 
     # ------------------------------------------------------------------ decoding
     def prepared(self, unit_index: int) -> _Prepared:

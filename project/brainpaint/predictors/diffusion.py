@@ -35,7 +35,7 @@ from ..geometry import PLANE_AXES, plane_names, to_plane
 from ..atlas import atlas_for
 from ..brats_io import warn
 from ..config import MODEL_SECTIONS, Config
-from ..dataset import PriorCache, clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
+from ..dataset import PriorCache, VolumeInputs, clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
 from ..devices import select_device
 from ..diffusion import GaussianDiffusion
 from ..errors import CaseError, InferenceSetupError
@@ -115,9 +115,11 @@ class DiffusionInpainter:
         # The population atlas the weights carry (`model.atlas`), for the atlas channel.
         self.atlas = self.model.atlas.detach().float().cpu().numpy() if self.model_cfg.model.atlas else None
 
-    def case_atlas(self, data) -> Optional[np.ndarray]:
-        """The weights' atlas (RAS axes) in the array order of `data` (`atlas.atlas_for`), or None."""
-        return None if self.atlas is None else atlas_for(self.atlas, data.affine)
+    def volume_inputs(self, data) -> VolumeInputs:
+        """`dataset.volume_inputs` of a case: its harmonic fill and midline if known in advance,
+        and the weights' atlas (RAS axes) turned into the case's array order (`atlas.atlas_for`)."""
+        atlas = None if self.atlas is None else atlas_for(self.atlas, data.affine)
+        return volume_inputs(data.voided, data.mask, self.data_cfg, self.known_priors.get(data.id), atlas)
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:
@@ -202,7 +204,7 @@ class DiffusionInpainter:
         if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
         if vin is None:
-            vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id), self.case_atlas(data))
+            vin = self.volume_inputs(data)
         box = self.slice_box(data) if box is None else box
         zs = [int(z) for z in np.flatnonzero(geometry.crop(mask, box).any(axis=(0, 1)))]
         if not zs:  # a window of the grid that holds no mask voxel
@@ -248,7 +250,7 @@ class DiffusionInpainter:
         mask = np.asarray(data.mask, dtype=bool)
         if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
-        vin = volume_inputs(data.voided, mask, self.data_cfg, self.known_priors.get(data.id), self.case_atlas(data))
+        vin = self.volume_inputs(data)
         # Normalised volume: known voxels from the voided image; each member fills the mask.
         base = vin.imap.normalize(data.voided)
         members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)
