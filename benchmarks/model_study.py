@@ -106,13 +106,14 @@ def train_arm(arm: str, params: dict, args) -> None:
 
 
 class Validation:
-    """The validation cases, loaded once, with their harmonic fills and midlines."""
+    """The validation cases, loaded once in RAS axes (the frame of the predictor's
+    `known_priors`), with their harmonic fills and midlines."""
 
     def __init__(self, folder: Path, n: int):
         cases, errors = discover_cases(folder, labels=True)
         if errors:
             raise SystemExit(f"validation data: {errors[0]}")
-        self.cases = [load_case(c, labels=True) for c in cases if c.id.endswith("-000")][:n]
+        self.cases = [load_case(c, labels=True).in_ras() for c in cases if c.id.endswith("-000")][:n]
         self.prior = {data.id: prior_cache(data.voided, data.mask) for data in self.cases}
 
     def score(self, predict) -> dict:

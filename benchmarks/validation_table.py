@@ -10,10 +10,16 @@ bounding box). The model runs with the code's default `infer` settings (the ship
 `--parameters-file` overriding them. Prints and writes a markdown table: one row per case, the
 means, and on how many cases the model beats the harmonic fill in each metric. Without the
 prepared data the script says so loudly and exits 0.
+
+`--store lps` stores each case the way BraTS stores its files (LPS axes: the arrays' first two
+axes reversed, the affine to match, every voxel at its world position) before filling it. The
+network works in RAS axes whatever the storage (`CaseData.in_ras`), so that table must equal the
+RAS one.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 
 from brainpaint.atomic import write_text
-from brainpaint.brats_io import discover_cases, load_case
+from brainpaint.brats_io import CaseData, discover_cases, from_ras, load_case
 from brainpaint.config import Config
 from brainpaint.evaluate import official_metrics
 from brainpaint.harmonic import harmonic_fill
@@ -30,6 +36,17 @@ from brainpaint.predictors.diffusion import DiffusionInpainter
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("ssim", "psnr", "mse")
+
+
+def stored_lps(data: CaseData) -> CaseData:
+    """The case as an LPS-stored file would hold it: same voxels at the same world positions."""
+    ras = data.in_ras()
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(ras.voided.shape[:2]) - 1
+    affine = ras.affine @ flip
+    turn = lambda a: None if a is None else from_ras(a, affine)  # noqa: E731
+    return dataclasses.replace(ras, voided=turn(ras.voided), mask=turn(ras.mask), t1n=turn(ras.t1n),
+                               mask_healthy=turn(ras.mask_healthy), voided_disk=turn(ras.voided_disk), affine=affine)
 
 
 def main(argv=None) -> int:
@@ -40,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "validation_table.md")
+    ap.add_argument("--store", choices=("as-is", "lps"), default="as-is",
+                    help="lps: turn each case to the LPS storage of BraTS files before filling it")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"SKIPPED: no validation data at {args.data} (brainpaint prepare, see README)", file=sys.stderr)
@@ -53,6 +72,8 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         data = load_case(case, labels=True)
+        if args.store == "lps":
+            data = stored_lps(data)
         mask = np.asarray(data.mask, bool)
         t0 = time.perf_counter()
         harmonic = harmonic_fill(np.asarray(data.voided, np.float32), mask)
@@ -73,8 +94,10 @@ def main(argv=None) -> int:
         "",
         f"- Weights: `{args.weights.relative_to(REPO) if args.weights.is_relative_to(REPO) else args.weights}`; "
         f"sampler {inf.sampler}, {inf.steps} step(s), temperature {inf.temperature:g}, "
-        f"{'fixed-size windows' if inf.tile else 'one box per volume'}, filter sigma {inf.smoothing_sigma:g}, seed 0.",
-        f"- Cases: the `*-000` case of {len(rows)} held-out subjects in `{args.data.relative_to(REPO) if args.data.is_relative_to(REPO) else args.data}`; "
+        f"{'fixed-size windows' if inf.tile else 'one box per volume'}, filter sigma {inf.smoothing_sigma:g}, "
+        f"{'left-right flip average' if inf.flip_average else 'no flip average'}, seed 0.",
+        f"- Cases: the `*-000` case of {len(rows)} held-out subjects in `{args.data.relative_to(REPO) if args.data.is_relative_to(REPO) else args.data}`"
+        f"{', stored LPS' if args.store == 'lps' else ''}; "
         "official `inpainting` metrics; seconds: CPU, "
         f"{args.threads} torch thread(s), the fill alone (no file I/O).",
         "",

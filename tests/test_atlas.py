@@ -6,20 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 import synth
 from brainpaint.atlas import (
     ATLAS_SHAPE,
-    atlas_for,
     atlas_from_cases,
     atlas_residual,
     brain_box,
     build_atlas,
+    case_atlas,
     from_canonical,
+    register,
     to_canonical,
-    to_ras,
+
 )
-from brainpaint.brats_io import discover_cases
+from brainpaint.brats_io import discover_cases, to_ras
 
 
 def _ramp_brain(shape, box) -> np.ndarray:
@@ -128,14 +130,55 @@ def test_the_atlas_information_benchmark_scores_both_fills_or_skips_loudly(tmp_p
     assert "SKIPPED" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("affine", [np.diag([-1.0, -1.0, 1.0, 1.0]), np.array([[0, 0, -1, 9], [1, 0, 0, 0], [0, -1, 0, 7], [0, 0, 0, 1.0]])])
-def test_the_atlas_turns_into_the_array_order_of_each_case(affine):
-    rng = np.random.default_rng(0)
-    volume = rng.random((6, 7, 8)).astype(np.float32)
-    ras = to_ras(volume, affine)
-    assert ras.shape == ((6, 7, 8) if affine[0, 0] else (8, 6, 7))  # R, A, S from array axes 2, 0, 1
-    np.testing.assert_array_equal(atlas_for(ras, affine), volume)
-    # an LPS case's anterior end is its array's low y end: the atlas's high y end lands there
-    if np.allclose(affine, np.diag([-1.0, -1.0, 1.0, 1.0])):
-        ramp = np.broadcast_to(np.arange(7, dtype=np.float32)[None, :, None], (6, 7, 8))
-        assert atlas_for(ramp, affine)[0, 0, 0] == 6 and atlas_for(ramp, affine)[0, 6, 0] == 0
+# --------------------------------------------------------------------------- affine fit
+def _lumpy_brain(shape=(60, 72, 60), seed=0) -> np.ndarray:
+    """An ellipsoid brain with smooth blobs of other intensity: structure a rotation moves."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    inside = ((grid[0] / 0.8) ** 2 + (grid[1] / 0.85) ** 2 + (grid[2] / 0.8) ** 2) < 1.0
+    blobs = ndimage.gaussian_filter(rng.standard_normal(shape), 4.0)
+    return ((600.0 + 4000.0 * blobs) * inside).clip(0, None).astype(np.float32)
+
+
+def _rotated(volume: np.ndarray, degrees: float) -> np.ndarray:
+    """`volume` turned by `degrees` about the z axis through its centre (linear, zero outside)."""
+    return ndimage.rotate(volume, degrees, axes=(0, 1), reshape=False, order=1).clip(0, None)
+
+
+def _corr(a, b, where) -> float:
+    return float(np.corrcoef(a[where], b[where])[0, 1])
+
+
+def test_the_affine_fit_finds_a_tilted_brain_where_the_box_fit_misses_it():
+    brain = _lumpy_brain()
+    atlas = build_atlas([brain])  # one brain: its box atlas is the brain itself
+    tilted = _rotated(brain, 10.0)
+    known = tilted > 0
+    mask = np.zeros(brain.shape, bool)
+    box_fit = case_atlas(atlas, tilted, mask, known, "box")
+    affine_fit = case_atlas(atlas, tilted, mask, known, "affine")
+    assert _corr(affine_fit, tilted, known) > 0.9 > _corr(box_fit, tilted, known) + 0.1
+    placement = register(atlas, tilted, mask, known)
+    angle = np.degrees(np.arctan2(placement.A[1, 0], placement.A[0, 0]))
+    assert abs(abs(angle) - 10.0) < 2.0  # the tilt, in one direction or the other of the map
+    points = np.random.default_rng(0).uniform(0, 50, (20, 3))
+    np.testing.assert_allclose(placement.to_case(placement.to_atlas(points)), points, atol=1e-6)
+    # the residual of the registered atlas is what the `affine` fit gives the network
+    mask[25:35, 30:42, 25:35] = True
+    b = np.where(mask, 0, tilted)
+    assert np.abs(atlas_residual(atlas, b, mask, known, "affine") - atlas_residual(atlas, b, mask, known, "box")).max() > 0.01
+    with pytest.raises(ValueError, match="atlas fit must be one of"):
+        case_atlas(atlas, tilted, mask, known, "elastic")
+
+
+def test_an_atlas_of_registered_brains_is_sharper_than_the_box_mean():
+    brain = _lumpy_brain(seed=1)
+    tilts = [_rotated(brain, d) for d in (-12.0, 0.0, 12.0)]
+    box_mean, registered = build_atlas(tilts), build_atlas(tilts, fit="affine", log=lambda m: None)
+    assert registered.shape == ATLAS_SHAPE and registered.dtype == np.float32
+    no_mask = np.zeros(brain.shape, bool)
+
+    def fit(atlas):  # how well the atlas, registered onto each brain, matches it
+        return np.mean([_corr(case_atlas(atlas, t, no_mask, t > 0, "affine"), t, t > 0) for t in tilts])
+
+    assert fit(registered) > fit(box_mean) + 0.02 and fit(registered) > 0.95

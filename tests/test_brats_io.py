@@ -13,8 +13,10 @@ from brainpaint.brats_io import (
     CaseError,
     cast_to_dtype,
     discover_cases,
+    from_ras,
     load_case,
     prediction_name,
+    to_ras,
     write_nifti_atomic,
 )
 
@@ -280,3 +282,52 @@ def test_write_nifti_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_nifti_atomic(data.voided, data.header, data.affine, out / prediction_name(CID), np.int16)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("affine", [np.diag([-1.0, -1.0, 1.0, 1.0]), np.array([[0, 0, -1, 9], [1, 0, 0, 0], [0, -1, 0, 7], [0, 0, 0, 1.0]])])
+def test_volumes_turn_to_ras_axes_and_back(affine):
+    rng = np.random.default_rng(0)
+    volume = rng.random((6, 7, 8)).astype(np.float32)
+    ras = to_ras(volume, affine)
+    assert ras.shape == ((6, 7, 8) if affine[0, 0] else (8, 6, 7))  # R, A, S from array axes 2, 0, 1
+    np.testing.assert_array_equal(from_ras(ras, affine), volume)
+    # an LPS volume's anterior end is its array's low y end: a RAS volume's high y end lands there
+    if np.allclose(affine, np.diag([-1.0, -1.0, 1.0, 1.0])):
+        ramp = np.broadcast_to(np.arange(7, dtype=np.float32)[None, :, None], (6, 7, 8))
+        assert from_ras(ramp, affine)[0, 0, 0] == 6 and from_ras(ramp, affine)[0, 6, 0] == 0
+
+
+def test_a_case_in_ras_axes_keeps_every_voxel_and_its_world_position(tmp_path):
+    synth.write_case(tmp_path, CID, labels=True)  # stored LPS, as BraTS stores its files
+    data = _load_one(tmp_path, labels=True)
+    ras = data.in_ras()
+    assert nib.aff2axcodes(data.affine) == ("L", "P", "S") and nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+    for name in ("voided", "mask", "t1n", "mask_healthy", "voided_disk"):
+        before, after = getattr(data, name), getattr(ras, name)
+        np.testing.assert_array_equal(after, before[::-1, ::-1, :])
+        np.testing.assert_array_equal(from_ras(after, data.affine), before)
+        assert after.dtype == before.dtype
+    # voxel (i, j, k) of the turned grid is at the world position of the stored voxel it came from
+    i, j, k = 3, 5, 7
+    sx, sy = data.voided.shape[0] - 1 - i, data.voided.shape[1] - 1 - j
+    np.testing.assert_allclose(ras.affine @ [i, j, k, 1], data.affine @ [sx, sy, k, 1])
+    assert ras.in_ras() is ras  # a RAS case is used as it is
+
+
+def test_the_validation_tables_lps_storage_keeps_every_voxel_at_its_world_position(tmp_path):
+    """benchmarks/validation_table.py --store lps: a RAS-stored case stored as BraTS stores."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validation_table.py"
+    spec = importlib.util.spec_from_file_location("validation_table", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    synth.write_case(tmp_path, CID, labels=True, affine=np.eye(4))
+    ras = _load_one(tmp_path, labels=True)
+    lps = bench.stored_lps(ras)
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S") and nib.aff2axcodes(lps.affine) == ("L", "P", "S")
+    for name in ("voided", "mask", "t1n", "mask_healthy", "voided_disk"):
+        np.testing.assert_array_equal(getattr(lps, name), getattr(ras, name)[::-1, ::-1, :])
+    np.testing.assert_allclose(lps.affine @ [0, 0, 4, 1], ras.affine @ [ras.voided.shape[0] - 1, ras.voided.shape[1] - 1, 4, 1])
+    np.testing.assert_array_equal(lps.in_ras().voided, ras.voided)

@@ -10,7 +10,8 @@ import torch
 import synth
 from brainpaint import dataset as ds_mod
 from brainpaint import masks
-from brainpaint.atlas import atlas_for, atlas_from_cases, atlas_residual, build_atlas
+from brainpaint.atlas import atlas_from_cases, atlas_residual, build_atlas
+from brainpaint.brats_io import to_ras
 from brainpaint.config import Config
 from brainpaint.dataset import (
     SliceDataset,
@@ -128,6 +129,11 @@ def test_slice_conditioning_channels_neighbours_and_box():
 
 
 # --------------------------------------------------------------------------- the data set
+def _ras(volume: np.ndarray) -> np.ndarray:
+    """A synthetic (LPS-stored, as BraTS stores) volume in the data set's RAS axes."""
+    return to_ras(volume, synth.default_affine())
+
+
 @pytest.fixture
 def cases(tmp_path):
     root = tmp_path / "data"
@@ -153,8 +159,8 @@ def test_sample_matches_the_ground_truth_and_keeps_the_tumour_visible(cases, pri
     x0, cond = sample["x0"].numpy(), sample["cond"].numpy()
     assert x0.shape == (1, 48, 48) and cond.shape == (2, 48, 48)
 
-    t1n = synth.make_brain(seed=1).round()
-    mask = synth.make_mask(radius=4).astype(bool)
+    t1n = _ras(synth.make_brain(seed=1).round())  # the data set works in RAS axes
+    mask = _ras(synth.make_mask(radius=4).astype(bool))
     imap = IntensityMap.fit(np.where(mask, 0, t1n))  # b = t1n with mask-healthy voided
     gt = imap.normalize(t1n)[:, :, z]
     np.testing.assert_allclose(decode_sample(x0[0], cond[0], prior), gt, atol=1e-5)
@@ -311,7 +317,7 @@ def test_coronal_planes_add_the_coronal_slices_of_every_mask(cases):
     both = SliceDataset(cases, _cfg(planes="axial+coronal"), augment=False)
     assert [(u.case_index, u.plane) for u in both.units] == [(0, "axial"), (0, "coronal"), (1, "axial"), (1, "coronal")]
     assert [u.z_slices for u in both.units if u.plane == "axial"] == [u.z_slices for u in axial.units]
-    mask = synth.make_mask(radius=4).astype(bool)
+    mask = _ras(synth.make_mask(radius=4).astype(bool))  # RAS: the coronal index runs P to A
     coronal = both.units[1]
     assert list(coronal.z_slices) == list(np.flatnonzero(mask.any(axis=(0, 2))))
     assert len(both) == sum(len(u.z_slices) for u in both.units)
@@ -320,7 +326,7 @@ def test_coronal_planes_add_the_coronal_slices_of_every_mask(cases):
     sample = both.sample((1, y), random.Random(0))
     x0, cond = sample["x0"].numpy(), sample["cond"].numpy()
     assert x0.shape == (1, 48, 48)  # a 48 x 20 slice, padded at the high end
-    t1n = synth.make_brain(seed=1).round()
+    t1n = _ras(synth.make_brain(seed=1).round())
     gt = IntensityMap.fit(np.where(mask, 0, t1n)).normalize(t1n)[:, y, :]
     np.testing.assert_allclose(decode_sample(x0[0], cond[0], "none")[:, :20], gt, atol=1e-5)
     np.testing.assert_array_equal(cond[1][:, :20], mask[:, y, :])
@@ -341,10 +347,9 @@ def test_the_atlas_residual_is_the_last_channel_and_no_scan_augmentation_touches
 
     # the residual of the atlas over its harmonic fill, inside the mask only
     t1n = synth.make_brain(seed=1).round()
-    mask = synth.make_mask(radius=4).astype(bool)
-    voided = np.where(mask, 0, t1n).astype(np.float32)
-    turned = atlas_for(ds.atlas, synth.default_affine())  # the atlas in the case's (LPS) array order
-    expected = atlas_residual(turned, IntensityMap.fit(voided).normalize(voided), mask, (voided != 0) | mask)
+    mask = _ras(synth.make_mask(radius=4).astype(bool))
+    voided = np.where(mask, 0, _ras(t1n)).astype(np.float32)
+    expected = atlas_residual(ds.atlas, IntensityMap.fit(voided).normalize(voided), mask, (voided != 0) | mask)
     np.testing.assert_allclose(plain[2], expected[:, :, z], atol=1e-6)
     assert np.abs(plain[2][mask[:, :, z]]).max() > 0 and not plain[2][~mask[:, :, z]].any()
 

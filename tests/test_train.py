@@ -668,3 +668,20 @@ def test_ddp_export_failure_on_rank_0_stops_every_rank_with_a_message(tmp_path):
     assert result.returncode != 0
     assert "error: cannot write" in result.stderr
     assert "error: rank 0 could not" in result.stderr, result.stderr[-3000:]
+
+
+def test_weights_of_the_box_fit_start_an_affine_fit_run_with_an_atlas_of_registered_brains(tmp_path, data, capsys):
+    box = tmp_path / "box"
+    assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 1}), data, box) == 0
+    start = _cfg(model={"atlas": True}, data={"atlas_fit": "affine"},
+                 train={"max_steps": 1, "init_weights": str(box / "model.safetensors")})
+    assert run_train(start, data, tmp_path / "affine") == 0
+    assert "atlas: mean of 2 registered brain(s)" in capsys.readouterr().err
+    w_box, w_affine = (load_file(str(p / "model.safetensors")) for p in (box, tmp_path / "affine"))
+    cases, _ = discover_cases(data, labels=True)
+    np.testing.assert_array_equal(w_affine["atlas"].numpy(), atlas_from_cases(cases, fit="affine"))
+    assert not torch.equal(w_affine["atlas"], w_box["atlas"])
+    assert weights_config(tmp_path / "affine" / "model.safetensors").data.atlas_fit == "affine"
+    # a run resumes only with its own fit
+    assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 2}), data, tmp_path / "affine") == 1
+    assert "was trained with data.atlas_fit='affine', the parameters say 'box'" in capsys.readouterr().err

@@ -14,36 +14,35 @@ fill of the case misses, as the population would draw it. With `model.atlas` the
 sees that residual as one more input channel (`dataset.slice_conditioning`), and the atlas
 itself travels in the weights file as the network's `atlas` buffer.
 
-No registration is done: the box scaling is the whole alignment, so the atlas is blurred by
-the spread of brain shapes, and the network learns how far to trust it. The atlas's axes are
-RAS (`to_ras` turns each training brain by its affine); `atlas_for` turns it into the array
-order of a case, so an LPS-stored BraTS case gets its anterior side where its array has it.
+Alignment (`data.atlas_fit`). "box": the box scaling is the whole alignment, so the atlas is
+blurred by the spread of brain shapes and misplaced by every head's tilt. "affine": after the
+box scaling, `register` fits a 9-parameter affine map (shift, scale and rotation about the
+brain's centre) that best correlates the atlas with the case's known brain voxels on a 3-mm
+grid (scipy's bounded Powell search), and `build_atlas` averages the training brains each
+registered onto the box mean, a sharper atlas. Either way the network learns how far to trust
+the residual. The atlas's axes are
+RAS (`brats_io.to_ras` turns each training brain by its affine), the frame the network works
+in (`CaseData.in_ras`), so it meets every case the right way round however the case is stored.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-from scipy import ndimage
+from scipy import ndimage, optimize
 
+from .brats_io import to_ras
 from .harmonic import harmonic_fill
 from .intensity import IntensityMap
 
 ATLAS_SHAPE = (120, 144, 120)  # about 1.2 mm over an adult brain's bounding box
 FIT_STRIDE = 7  # every 7th known brain voxel fits the intensity line
-RAS = axcodes2ornt("RAS")
-
-
-def to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """`volume` with its axes turned to RAS by its `affine` (flips and transposes only)."""
-    return apply_orientation(np.asarray(volume), io_orientation(np.asarray(affine, np.float64)))
-
-
-def atlas_for(atlas: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """The atlas (RAS axes) in the array order of an image with `affine`: `to_ras` undone."""
-    return np.ascontiguousarray(apply_orientation(atlas, ornt_transform(RAS, io_orientation(np.asarray(affine, np.float64)))))
+ATLAS_FITS = ("box", "affine")
+REGISTER_STEP = 3  # voxels between the points `register` compares (3 mm on the BraTS grid)
+# Bounds of `register`'s parameters: shift (voxels), log scale, rotation (radians) per axis.
+REGISTER_BOUNDS = [(-20.0, 20.0)] * 3 + [(-0.2, 0.2)] * 3 + [(-0.35, 0.35)] * 3
 
 
 def brain_box(brain: np.ndarray) -> Optional[tuple[slice, slice, slice]]:
@@ -77,36 +76,151 @@ def from_canonical(atlas: np.ndarray, box, shape: tuple[int, ...]) -> np.ndarray
     return out
 
 
-def build_atlas(volumes: Iterable[np.ndarray], log: Callable[[str], None] = lambda _: None) -> np.ndarray:
+# --------------------------------------------------------------------------- registration
+@dataclass(frozen=True)
+class Placement:
+    """Where the atlas lies on a case grid: the box scaling of the brain's bounding `box`, after
+    `affine` (A, t: case voxel x -> A x + t, both in case voxels; identity for the box fit)."""
+
+    box: tuple
+    A: np.ndarray = field(default_factory=lambda: np.eye(3))
+    t: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    def _scale(self) -> tuple[np.ndarray, np.ndarray]:
+        s = np.array([(n - 1) / max(b.stop - b.start - 1, 1) for n, b in zip(ATLAS_SHAPE, self.box)])
+        return s, -s * np.array([b.start for b in self.box], np.float64)
+
+    def to_atlas(self, points: np.ndarray) -> np.ndarray:
+        """Atlas-grid coordinates of case voxel coordinates `points` [N, 3]."""
+        s, u = self._scale()
+        return (points @ self.A.T + self.t) * s + u
+
+    def to_case(self, points: np.ndarray) -> np.ndarray:
+        """Case voxel coordinates of atlas-grid coordinates `points` [N, 3] (`to_atlas` undone)."""
+        s, u = self._scale()
+        return ((points - u) / s - self.t) @ np.linalg.inv(self.A).T
+
+
+def _affine(params: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(A, t) of shift params[0:3], log scales params[3:6] and rotations params[6:9] (about the
+    x, y and z axes) about `centre`."""
+    rot = np.eye(3)
+    for axis, angle in enumerate(params[6:9]):
+        c, s = np.cos(angle), np.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        turn = np.eye(3)
+        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+        rot = turn @ rot
+    A = rot @ np.diag(np.exp(params[3:6]))
+    return A, centre - A @ centre + params[0:3]
+
+
+def _sample(atlas: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    return ndimage.map_coordinates(atlas, coords.T, order=1, mode="nearest")
+
+
+def register(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray) -> Optional[Placement]:
+    """The affine placement of the atlas that best correlates with the case's known brain
+    voxels (`brain` without the `mask` grown by 2 voxels; `b` on any linear scale), searched
+    from the box placement; the box placement where the search does not improve on it; None
+    for an empty brain."""
+    box = brain_box(brain)
+    if box is None:
+        return None
+    known = np.asarray(brain, bool) & ~ndimage.binary_dilation(np.asarray(mask, bool), iterations=2)
+    grid = np.zeros(known.shape, bool)
+    grid[::REGISTER_STEP, ::REGISTER_STEP, ::REGISTER_STEP] = True
+    points = np.argwhere(known & grid).astype(np.float64)
+    if len(points) < 100:
+        return Placement(box)
+    y = np.asarray(b, np.float64)[tuple(points.T.astype(int))]
+    y -= y.mean()
+    centre = np.array([(s.start + s.stop - 1) / 2.0 for s in box])
+
+    def cost(params: np.ndarray) -> float:  # 1 - correlation of atlas and case at the points
+        A, t = _affine(params, centre)
+        a = _sample(atlas, Placement(box, A, t).to_atlas(points)).astype(np.float64)
+        a -= a.mean()
+        r = float(a @ y) / (float(np.sqrt((a @ a) * (y @ y))) + 1e-12)
+        return 1.0 - r if np.isfinite(r) else 2.0
+
+    start = np.zeros(9)
+    found = optimize.minimize(cost, start, method="Powell", bounds=REGISTER_BOUNDS,
+                              options={"xtol": 1e-3, "ftol": 1e-5, "maxfev": 3000})
+    if not found.fun < cost(start):
+        return Placement(box)
+    return Placement(box, *_affine(found.x, centre))
+
+
+def place(atlas: np.ndarray, placement: Placement, shape: tuple[int, ...]) -> np.ndarray:
+    """The atlas resampled onto a case grid of `shape` by `placement`: the box fit's
+    `from_canonical` (zero outside the box) for an identity affine, else every voxel of the
+    grid sampled (edge values beyond the atlas)."""
+    if np.array_equal(placement.A, np.eye(3)) and not placement.t.any():
+        return from_canonical(atlas, placement.box, shape)
+    points = np.indices(shape, dtype=np.float32).reshape(3, -1).T
+    return _sample(atlas, placement.to_atlas(points)).reshape(shape).astype(np.float32)
+
+
+def case_atlas(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray, fit: str = "box") -> Optional[np.ndarray]:
+    """The atlas on the case grid by the `fit` of `data.atlas_fit` (None for an empty brain)."""
+    if fit not in ATLAS_FITS:
+        raise ValueError(f"atlas fit must be one of {ATLAS_FITS}, got {fit!r}")
+    placement = register(atlas, b, mask, brain) if fit == "affine" else (
+        None if brain_box(brain) is None else Placement(brain_box(brain)))
+    return None if placement is None else place(atlas, placement, np.shape(mask))
+
+
+# --------------------------------------------------------------------------- building
+def build_atlas(volumes: Iterable[np.ndarray], log: Callable[[str], None] = lambda _: None, fit: str = "box") -> np.ndarray:
     """Mean of the volumes (ground-truth t1n, input scale) on the canonical box, each on the
-    metric's [0, 1] scale (`IntensityMap.fit` on the volume itself)."""
+    metric's [0, 1] scale (`IntensityMap.fit` on the volume itself). With `fit="affine"` each
+    volume is then registered onto that mean (`register`) and the mean of the registered
+    volumes is the atlas."""
     total = np.zeros(ATLAS_SHAPE, np.float64)
-    n = 0
+    brains = []  # (normalised volume in its brain box, the box) for the affine pass
     for volume in volumes:
         volume = np.asarray(volume, np.float32)
         box = brain_box(volume != 0)
         if box is None:
             continue
-        total += to_canonical(IntensityMap.fit(volume).normalize(volume), box)
-        n += 1
-    if not n:
+        normal = IntensityMap.fit(volume).normalize(volume)
+        total += to_canonical(normal, box)
+        brains.append((normal[box].copy() if fit == "affine" else None, box))
+    if not brains:
         raise ValueError("no brain to build an atlas from")
-    log(f"atlas: mean of {n} brain(s) on a {'x'.join(map(str, ATLAS_SHAPE))} grid")
-    return (total / n).astype(np.float32)
+    mean = (total / len(brains)).astype(np.float32)
+    grid = "x".join(map(str, ATLAS_SHAPE))
+    if fit == "box":
+        log(f"atlas: mean of {len(brains)} brain(s) on a {grid} grid")
+        return mean
+    total[:] = 0.0
+    atlas_points = np.indices(ATLAS_SHAPE, dtype=np.float32).reshape(3, -1).T
+    for i, (inside, box) in enumerate(brains):
+        local = tuple(slice(0, s.stop - s.start) for s in box)  # the brain box as its own grid
+        placement = register(mean, inside, np.zeros(inside.shape, bool), inside != 0)
+        placement = placement if placement is not None else Placement(local)
+        total += _sample(inside, placement.to_case(atlas_points)).reshape(ATLAS_SHAPE)
+        if (i + 1) % 8 == 0 or i + 1 == len(brains):
+            log(f"atlas: {i + 1} of {len(brains)} brains registered onto the box mean")
+    log(f"atlas: mean of {len(brains)} registered brain(s) on a {grid} grid")
+    return (total / len(brains)).astype(np.float32)
 
 
-def atlas_residual(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray) -> np.ndarray:
+def atlas_residual(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray, fit: str = "box") -> np.ndarray:
     """What the atlas holds inside `mask` beyond its own harmonic fill, on the case's scale.
 
     `b` is the case's normalised volume (known voxels are what counts), `brain` its brain
-    (non-zero voided voxels or the mask). Zero outside the mask. Returns float32 [X, Y, Z].
+    (non-zero voided voxels or the mask), `fit` how the atlas is placed (`case_atlas`). Zero
+    outside the mask. Returns float32 [X, Y, Z].
     """
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros(mask.shape, np.float32)
-    box = brain_box(brain)
-    if box is None or not mask.any():
+    if not mask.any():
         return out
-    scaled = from_canonical(atlas, box, mask.shape)
+    scaled = case_atlas(atlas, b, mask, brain, fit)
+    if scaled is None:
+        return out
     known = np.asarray(brain, bool) & ~mask
     a, y = scaled[known][::FIT_STRIDE], np.asarray(b, np.float32)[known][::FIT_STRIDE]
     if a.size >= 2 and np.ptp(a) > 0:
@@ -116,7 +230,7 @@ def atlas_residual(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np
     return out
 
 
-def atlas_from_cases(cases, log: Callable[[str], None] = lambda _: None) -> np.ndarray:
+def atlas_from_cases(cases, log: Callable[[str], None] = lambda _: None, fit: str = "box") -> np.ndarray:
     """`build_atlas` over the ground-truth t1n of labelled cases (`brats_io.Case`), one case per
     subject: BraTS IDs that differ only in their last number (BraTS-GLI-00001-000, -001, ...)
     are scans of one brain and count once; any other ID is a subject of its own."""
@@ -132,4 +246,4 @@ def atlas_from_cases(cases, log: Callable[[str], None] = lambda _: None) -> np.n
             data = load_case(case, labels=True)
             yield to_ras(data.t1n, data.affine)
 
-    return build_atlas(brains(), log=log)
+    return build_atlas(brains(), log=log, fit=fit)

@@ -19,18 +19,24 @@ Voxel spacing. The network works in voxels, so a spacing other than 1 mm does no
 it is reported as a warning on stderr and the case proceeds. Only spacings that cannot be a
 brain MRI (non-finite, <= 0 or above 20 mm) are errors.
 
+Orientation. Files are read and written in their own array order (BraTS stores LPS). The
+network works in one frame, RAS axes (`to_ras`, `CaseData.in_ras`: flips and transposes only,
+so every voxel keeps its value): the training brains' and the atlas's, so an LPS-stored case
+shows the network its slices the way round it was trained on; `from_ras` turns results back.
+
 Writing. `write_nifti_atomic` writes through `atomic.atomic_write`, so a crash never leaves a
 partial prediction under its final name.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import nibabel as nib
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from .atomic import atomic_write
 from .errors import CaseError
@@ -67,6 +73,33 @@ class CaseData:
     t1n: Optional[np.ndarray] = None  # float32 ground truth (labels only)
     mask_healthy: Optional[np.ndarray] = None  # bool (labels only)
     voided_disk: Optional[np.ndarray] = None  # voided image in its on-disk dtype (exact copy)
+
+    def in_ras(self) -> "CaseData":
+        """The case with every array turned to RAS axes (`to_ras`) and the affine of that grid;
+        the case itself when it is stored RAS. `header` stays the on-disk one (for writing)."""
+        ornt = io_orientation(self.affine)
+        if np.array_equal(ornt, RAS):
+            return self
+        turn = lambda a: None if a is None else np.ascontiguousarray(apply_orientation(a, ornt))  # noqa: E731
+        affine = np.asarray(self.affine, np.float64) @ inv_ornt_aff(ornt, np.shape(self.voided))
+        return replace(
+            self, voided=turn(self.voided), mask=turn(self.mask), affine=affine, t1n=turn(self.t1n),
+            mask_healthy=turn(self.mask_healthy), voided_disk=turn(self.voided_disk),
+        )
+
+
+RAS = axcodes2ornt("RAS")
+
+
+def to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """`volume` (stored with `affine`) with its axes turned to RAS: flips and transposes only."""
+    return apply_orientation(np.asarray(volume), io_orientation(np.asarray(affine, np.float64)))
+
+
+def from_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A RAS-axes `volume` in the array order of an image stored with `affine`: `to_ras` undone."""
+    turn = ornt_transform(RAS, io_orientation(np.asarray(affine, np.float64)))
+    return np.ascontiguousarray(apply_orientation(np.asarray(volume), turn))
 
 
 def prediction_name(case_id: str) -> str:

@@ -241,6 +241,10 @@ class DataConfig(_Section):
     # a harmonic fill misses; the network then learns the residual over that fill. 0: the plain
     # harmonic fill.
     atlas_gain: float = setting(0.0, ge=0)
+    # How the atlas is placed on each brain (brainpaint.atlas): "box" (scaled onto the brain's
+    # bounding box) or "affine" (then registered to the known voxels; the atlas itself is built
+    # from registered brains). Weights keep the fit they were trained with.
+    atlas_fit: str = setting("box", choices=("box", "affine"))
     flip_prob: float = setting(0.5, ge=0, le=1)
     # Extra procedurally generated healthy masks per training brain (0 = only mask-healthy).
     extra_masks_per_volume: int = setting(0, ge=0)
@@ -330,6 +334,10 @@ class InferConfig(_Section):
     # Scale of the sampler's noise. 0 starts the deterministic DDIM path at x_T = 0: one fill near
     # the conditional mean, which the challenge metrics reward; 1 draws samples (ensembles, std maps).
     temperature: float = setting(0.0, ge=0)
+    # Average each slice's fill with the fill of the left-right mirrored slice, mirrored back
+    # (the training flip, `data.flip_prob`, at test time): twice the network calls, a slightly
+    # better conditional mean (README, results).
+    flip_average: bool = True
     bf16: bool = True  # autocast on CUDA only
     seed: int = 0
     weights: Optional[str] = None  # safetensors file; None = the workspace's shipped weights

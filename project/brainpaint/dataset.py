@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from .architecture import input_layout
-from .atlas import atlas_for, atlas_residual
-from .brats_io import CaseError, discover_cases, load_case
+from .atlas import atlas_residual
+from .brats_io import CaseError, discover_cases, load_case, to_ras
 from .distributed import ignore_stop_signals
 from .errors import MaskPlacementError
 from .geometry import crop, full_slice_box, midline_shift, mirror_x, plane_names, to_plane
@@ -110,7 +110,7 @@ def volume_inputs(
     residual = None
     if atlas is not None:
         if known.atlas is None:
-            residual = _case_atlas_residual(atlas, voided, mask, imap)
+            residual = _case_atlas_residual(atlas, voided, mask, imap, data_cfg.atlas_fit)
         else:
             residual = np.zeros(mask.shape, np.float32)
             residual[mask] = known.atlas
@@ -119,19 +119,23 @@ def volume_inputs(
     return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift, residual)
 
 
-def _case_atlas_residual(atlas: np.ndarray, voided: np.ndarray, mask: np.ndarray, imap: IntensityMap) -> np.ndarray:
+def _case_atlas_residual(
+    atlas: np.ndarray, voided: np.ndarray, mask: np.ndarray, imap: IntensityMap, fit: str = "box"
+) -> np.ndarray:
     """`atlas.atlas_residual` of a voided volume: its known voxels on the network scale, its brain
-    the non-zero voxels and the mask."""
-    return atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask)
+    the non-zero voxels and the mask, the atlas placed by `fit` (`data.atlas_fit`)."""
+    return atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask, fit)
 
 
-def prior_cache(voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None) -> PriorCache:
+def prior_cache(
+    voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None, fit: str = "box"
+) -> PriorCache:
     """The harmonic fill (at the mask voxels), midline and, given an `atlas`, the atlas
-    residual (at the mask voxels) of a voided volume."""
+    residual (at the mask voxels, the atlas placed by `fit`) of a voided volume."""
     voided = np.asarray(voided, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
     fill = harmonic_fill(voided, mask)[mask] if mask.any() else np.zeros(0, np.float32)
-    residual = None if atlas is None else _case_atlas_residual(atlas, voided, mask, IntensityMap.fit(voided))[mask]
+    residual = None if atlas is None else _case_atlas_residual(atlas, voided, mask, IntensityMap.fit(voided), fit)[mask]
     return PriorCache(fill=fill, shift=midline_shift(voided, (voided != 0) & ~mask), atlas=residual)
 
 
@@ -269,19 +273,22 @@ def _read_mask_slices(case, planes: list[str]) -> dict[str, tuple[int, ...]]:
     if path is None:
         raise CaseError(case.id, "no mask-healthy file (needed for training)")
     try:
-        mask = np.asarray(nib.load(str(path)).dataobj)
+        img = nib.load(str(path))
+        mask = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for broken files
         raise CaseError(case.id, f"cannot read {Path(path).name}: {exc}") from exc
     if mask.ndim != 3:
         raise CaseError(case.id, f"mask-healthy must be 3D, got shape {mask.shape}")
-    return {plane: _mask_slices(mask != 0, plane) for plane in planes}
+    mask = to_ras(mask != 0, img.affine)  # the decoded units' frame (CaseData.in_ras)
+    return {plane: _mask_slices(mask, plane) for plane in planes}
 
 
 class SliceDataset(Dataset):
     """Training pairs (x0 [1,H,W], cond [C,H,W]) from BraTS-layout cases with labels.
 
+    Cases are used in RAS axes (`CaseData.in_ras`), the frame inference gives the network.
     A pair is (case, mask k, z) for every slice z where the mask is non-empty, of every plane
-    in `data.planes` (axial: z indexes the volume's last axis; coronal: its second); mask 0
+    in `data.planes` (axial: z indexes the RAS volume's last axis; coronal: its second); mask 0
     is the case's mask-healthy, masks 1..n are `data.extra_masks_per_volume` generated
     healthy masks (`masks.generate_masks`, sized in cm³ with the case's voxel spacing; a brain
     with no room for them keeps its mask-healthy alone, with a warning).
@@ -338,7 +345,7 @@ class SliceDataset(Dataset):
 
     # ------------------------------------------------------------------ index
     def _generate_extra(self, case, ci: int, n: int) -> list[_Unit]:
-        data = load_case(case, labels=True)
+        data = load_case(case, labels=True).in_ras()
         # Keep clear of the tumour and of the case's own healthy mask; brain = non-zero tissue.
         avoid = np.asarray(data.mask, bool) | np.asarray(data.mask_healthy, bool)
         brain = (np.asarray(data.t1n) != 0) | avoid
@@ -384,7 +391,7 @@ class SliceDataset(Dataset):
     def _decode(self, unit_index: int) -> _Prepared:
         unit = self.units[unit_index]
         case = self.cases[unit.case_index]
-        data = load_case(case, labels=True)
+        data = load_case(case, labels=True).in_ras()
         self.decode_count += 1
         t1n = np.asarray(data.t1n, np.float32)
         if unit.k == 0:
@@ -394,7 +401,7 @@ class SliceDataset(Dataset):
         voided = np.where(mask, np.float32(0), t1n)
         if self.cfg.model.atlas and self.atlas is None:
             raise RuntimeError("model.atlas is set but the data set has no atlas (SliceDataset.atlas)")
-        atlas = atlas_for(self.atlas, data.affine) if self.cfg.model.atlas else None
+        atlas = self.atlas if self.cfg.model.atlas else None
         known = self._cached_prior(case.id, unit.k, voided, mask, atlas)
         vin = volume_inputs(voided, mask, self.cfg.data, known, atlas)
         gt = vin.imap.normalize(t1n)
@@ -431,6 +438,7 @@ class SliceDataset(Dataset):
         name = f"{case_id}-{k:03d}-{key:08x}"
         if atlas is not None:
             name += f"-atlas{zlib.crc32(np.ascontiguousarray(atlas, np.float32).tobytes()):08x}"
+            name += "" if self.cfg.data.atlas_fit == "box" else f"-{self.cfg.data.atlas_fit}"
         path = Path(self.cfg.data.cache_dir) / f"{name}.npz"
         if path.is_file():
             try:
@@ -439,7 +447,7 @@ class SliceDataset(Dataset):
                     return PriorCache(fill=data["fill"], shift=int(data["shift"]), atlas=residual)
             except (OSError, ValueError, KeyError):  # a damaged entry is computed again
                 pass
-        known = prior_cache(voided, mask, atlas)
+        known = prior_cache(voided, mask, atlas, self.cfg.data.atlas_fit)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
         extra = {"atlas": known.atlas.astype(np.float32)} if known.atlas is not None else {}

@@ -126,7 +126,7 @@ class Trainer:
             warm_start(self.raw, self.ema, self.cfg, Path(self.tc.init_weights), self.device)
             self.say(f"starting from the weights in {self.tc.init_weights} (model and EMA; new optimizer, step 0)")
         if self.cfg.model.atlas:  # the data sets compute the atlas channel from the network's atlas
-            build = lambda: atlas_from_cases(self.dataset.cases, log=self.say)  # noqa: E731
+            build = lambda: atlas_from_cases(self.dataset.cases, log=self.say, fit=self.cfg.data.atlas_fit)  # noqa: E731
             self.dataset.atlas = self.val_set.atlas = hold_atlas(self.raw, self.ema, build)
         if self.rng is None:
             seed_all(self.tc.seed * 1000003 + dist.rank * 7919 + self.step)  # each rank draws its own noise

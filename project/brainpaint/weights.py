@@ -80,7 +80,7 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
     The file must hold the network `cfg` describes; a 2D network may start a 2.5D one (more
     context slices) and any network the atlas channel (`model.atlas`): their new input
     channels start at zero weight (`unet.widen_input_conv`), and the atlas buffer the file
-    lacks stays zero for the trainer to build. A network may also gain middle blocks
+    lacks (or holds for another `data.atlas_fit`) stays zero for the trainer to build. A network may also gain middle blocks
     (`model.extra_middle_blocks`), which start as the identity.
     """
     if not weights.is_file():
@@ -94,8 +94,9 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
     hint = "train a network like it or drop train.init_weights"
     # The ways a network may grow from its file (and what it would lose going the other way).
     growable = {"context_slices": "input channels", "extra_middle_blocks": "middle blocks", "atlas": "the atlas channel"}
-    # The atlas gain changes only the fill the network corrects: a fine-tune adapts to another.
-    skip = tuple(f"model.{key}" for key in growable) + ("data.atlas_gain",)
+    # The atlas gain and fit change only the inputs the network reads: a fine-tune adapts to
+    # others (an atlas of another fit is built anew, below).
+    skip = tuple(f"model.{key}" for key in growable) + ("data.atlas_gain", "data.atlas_fit")
     check_same_model(saved, resolved, weights, hint=hint, skip=skip)
     before = {key: int((saved.get("model") or {}).get(key, 0) or 0) for key in growable}
     for key, what in growable.items():
@@ -105,6 +106,8 @@ def warm_start(model: nn.Module, ema, cfg: Config, weights: Path, device: torch.
                 f"the parameters say {getattr(cfg.model, key)}; a network cannot drop {what}, {hint}"
             )
     tensors = load_file(str(weights), device=str(device))
+    if (saved.get("data") or {}).get("atlas_fit", "box") != cfg.data.atlas_fit:
+        tensors.pop("atlas", None)  # built from registered brains or box-scaled ones: not the same atlas
     layout = input_layout(cfg)
     saved_layout = input_layout(Config.from_dict(saved))
     if saved_layout != layout:

@@ -3,6 +3,8 @@
 `DiffusionInpainter(cfg)` is built once per run (weights, network, diffusion) and is stateless
 between cases, so one bad case cannot affect the next. Per case:
 
+0. The case is turned to RAS axes (`CaseData.in_ras`), the frame of the training brains and
+   the atlas; the result is turned back to the case's own array order at the end.
 1. `dataset.volume_inputs` normalises the voided volume with the metric's own percentile map
    (so the network's [0, 1] is the metric's [0, 1]) and builds the prior-filled `b` channel.
 2. In-plane windows are chosen once per volume, so all slices of a window stack into batches:
@@ -32,8 +34,7 @@ import torch
 
 from .. import geometry
 from ..geometry import PLANE_AXES, plane_names, to_plane
-from ..atlas import atlas_for
-from ..brats_io import warn
+from ..brats_io import from_ras, warn
 from ..config import MODEL_SECTIONS, Config
 from ..dataset import PriorCache, VolumeInputs, clip_bound, decode_sample, encode_target, slice_conditioning, volume_inputs
 from ..devices import select_device
@@ -116,10 +117,10 @@ class DiffusionInpainter:
         self.atlas = self.model.atlas.detach().float().cpu().numpy() if self.model_cfg.model.atlas else None
 
     def volume_inputs(self, data) -> VolumeInputs:
-        """`dataset.volume_inputs` of a case: its harmonic fill and midline if known in advance,
-        and the weights' atlas (RAS axes) turned into the case's array order (`atlas.atlas_for`)."""
-        atlas = None if self.atlas is None else atlas_for(self.atlas, data.affine)
-        return volume_inputs(data.voided, data.mask, self.data_cfg, self.known_priors.get(data.id), atlas)
+        """`dataset.volume_inputs` of a case in RAS axes (`CaseData.in_ras`, as are the methods
+        below): its harmonic fill and midline if known in advance (`known_priors`, also RAS),
+        and the weights' atlas."""
+        return volume_inputs(data.voided, data.mask, self.data_cfg, self.known_priors.get(data.id), self.atlas)
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:
@@ -180,19 +181,28 @@ class DiffusionInpainter:
                 b, m = chunk[:, 0:1], chunk[:, 1:2]
                 known = encode_target(b, b, prior)
                 known_mask = 1.0 - m
-            x0 = self.diffusion.sample(
+            draw = lambda c, k, m, noise_fn: self.diffusion.sample(  # noqa: E731
                 self.model,
-                chunk,
+                c,
                 sampler=inf.sampler,
                 steps=inf.steps,
                 eta=inf.eta,
-                noise_fn=noise.for_slices(keys[start : start + batch]),
-                known=known,
-                known_mask=known_mask,
+                noise_fn=noise_fn,
+                known=k,
+                known_mask=m,
                 clip_denoised=clip_bound(prior),
                 autocast=self._autocast_dtype(),
                 temperature=inf.temperature,
             )
+            chunk_keys = keys[start : start + batch]
+            x0 = draw(chunk, known, known_mask, noise.for_slices(chunk_keys))
+            if inf.flip_average:
+                # The mirrored slices (first in-plane axis) with the mirrored noise, mirrored back:
+                # a network that were exactly mirror-symmetric would give the same draw twice.
+                turn = lambda t: None if t is None else t.flip(-2)  # noqa: E731
+                mirrored = noise.for_slices(chunk_keys)
+                x0m = draw(turn(chunk), turn(known), turn(known_mask), lambda shape, g=None: turn(mirrored(shape, g)))
+                x0 = 0.5 * (x0 + turn(x0m))
             out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
         return out
 
@@ -245,8 +255,15 @@ class DiffusionInpainter:
                     geometry.paste(plane, box, target[:, :, z], where=mask[:, :, z])
         return total[mask] / weights[mask]
 
-    @torch.inference_mode()
     def __call__(self, data, seed: int) -> Prediction:
+        """The prediction of a case, in its own array order (filled in RAS axes)."""
+        pred = self.predict_ras(data.in_ras(), seed)
+        back = lambda a: None if a is None else from_ras(a, data.affine)  # noqa: E731
+        return Prediction(volume=back(pred.volume), std=back(pred.std), slices=pred.slices)
+
+    @torch.inference_mode()
+    def predict_ras(self, data, seed: int) -> Prediction:
+        """The prediction of a case given in RAS axes, in RAS axes."""
         mask = np.asarray(data.mask, dtype=bool)
         if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
