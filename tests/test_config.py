@@ -135,14 +135,14 @@ def test_a_bad_extends_is_one_clear_error(tmp_path, text, message):
 def test_the_shipped_weights_compute_what_the_last_recipe_stage_describes():
     repo = Path(__file__).resolve().parents[1]
     saved = yaml.safe_load(read_metadata(repo / "workspace" / "additional_files" / "model.safetensors")["config"])
-    recipe = Config.load(repo / "configs" / "x0_ctx2g.yaml")
-    assert recipe.model.context_slices == 2 and recipe.train.init_weights == "runs/x0_ctx2u/model.safetensors"
-    assert recipe.model.atlas and recipe.data.atlas_gain == 0.5
+    recipe = Config.load(repo / "configs" / "x0_ctx2rg.yaml")
+    assert recipe.model.context_slices == 2 and recipe.train.init_weights == "runs/x0_ctx2r0/model.safetensors"
+    assert recipe.model.atlas and recipe.data.atlas_gain == 1.0 and recipe.data.atlas_fit == "affine"
     expected = yaml.safe_load(model_config_yaml(recipe))
     # Settings added after the weights were exported are absent from their metadata; loading
     # gives them their defaults, which must be what the recipe says.
     newer = [(s, k) for s in expected for k in expected[s] if k not in (saved.get(s) or {})]
-    assert newer == [("data", "atlas_fit")]  # the box fit, the default
+    assert newer == []
     for s, k in newer:
         assert expected[s].pop(k) == Config().to_dict()[s][k]
     assert saved == expected
