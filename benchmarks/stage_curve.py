@@ -1,0 +1,120 @@
+"""Learning curve of the shipped model across its training stages: validation SSIM and PSNR
+against the CPU minutes spent since the first step, the harmonic fill as a line.
+
+    python benchmarks/stage_curve.py --run runs/x0_ctx2rg2 --stage "x0_ctx2rg2 (not shipped)" --start-minutes 612
+    python benchmarks/stage_curve.py --weights runs/x0_ctx2rg/model.safetensors --stage x0_ctx2rg --start-minutes 582
+    python benchmarks/stage_curve.py --report-only      # redraw docs/stage_curve.png from the CSV
+
+Each stage warm-starts from the one before it, so its points sit at the stage's own CPU minutes
+(the `cpu_seconds` of each export) plus `--start-minutes`, the minutes of the stages before it.
+`--run` scores every EMA export of a run folder (`exports/step_*.safetensors`) not yet in the
+CSV, so rerunning it while a run trains picks up the new exports; `--weights` scores one file
+(`--step` and `--minutes` place it when its metadata does not). Scoring is
+`model_study.Validation`: the `*-000` case of the 8 validation subjects, each weights file's own
+inference settings (the defaults), the official `inpainting` metrics, mean over cases.
+
+Results: `docs/stage_curve.csv` (one row per scored point; rows of stages whose exports are no
+longer kept carry `source: recorded`, the numbers of the model card's table) and
+`docs/stage_curve.png`. Without the prepared data the script says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_study import Validation, exports_of, read_csv, write_csv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = ["stage", "step", "minutes", "ssim", "psnr", "mse", "source"]
+
+
+def score_point(val: Validation, stage: str, step: int, minutes: float, path: Path, threads: int) -> dict:
+    scores = val.weights(path, {}, threads)
+    print(f"{stage} step {step} ({minutes:.0f} CPU min): SSIM {scores['ssim']:.4f} PSNR {scores['psnr']:.2f} MSE {scores['mse']:.5f}")
+    return {"stage": stage, "step": step, "minutes": f"{minutes:.1f}", "ssim": f"{scores['ssim']:.6f}",
+            "psnr": f"{scores['psnr']:.4f}", "mse": f"{scores['mse']:.6f}", "source": str(path)}
+
+
+def weights_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def plot(rows: list[dict], harmonic: dict, path: Path) -> None:
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in ((axes[0], "ssim", "validation SSIM"), (axes[1], "psnr", "validation PSNR (dB)")):
+        for stage in stages:
+            pts = sorted((float(r["minutes"]), float(r[key])) for r in rows if r["stage"] == stage)
+            ax.plot(*zip(*pts), marker="o", ms=3, label=stage)
+        if key in harmonic:
+            ax.axhline(harmonic[key], color="k", ls="--", lw=1, label="harmonic fill")
+        ax.set_xlabel("CPU minutes since the first step (all stages)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Shipped model's stages (official metrics, 8 validation subjects, one step)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, help="a run folder: score each of its exports")
+    ap.add_argument("--weights", type=Path, help="one weights file to score")
+    ap.add_argument("--stage", help="the stage's name in the CSV and the legend")
+    ap.add_argument("--start-minutes", type=float, default=0.0, help="CPU minutes of the stages before")
+    ap.add_argument("--step", type=int, help="--weights: its step (default: its metadata)")
+    ap.add_argument("--minutes", type=float, help="--weights: its stage's CPU minutes (default: its metadata)")
+    ap.add_argument("--val", type=Path, default=REPO / "workspace" / "prepared" / "val")
+    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--docs", type=Path, default=REPO / "docs")
+    ap.add_argument("--report-only", action="store_true", help="no scoring: redraw from the CSV")
+    args = ap.parse_args(argv)
+    csv_path = args.docs / "stage_curve.csv"
+    rows = read_csv(csv_path)
+    if not args.report_only and (args.run is None) == (args.weights is None):
+        ap.error("give one of --run, --weights or --report-only")
+    if not args.report_only and not args.stage:
+        ap.error("--stage names the scored stage")
+    if not args.val.is_dir():
+        print(f"SKIPPED: no validation data at {args.val} (brainpaint prepare, see README)")
+        return 0
+    val = Validation(args.val, args.cases)
+    harmonic = val.harmonic()
+    if not args.report_only:
+        done = {(r["stage"], int(r["step"])) for r in rows}
+        if args.run is not None:
+            todo = [(step, path, args.start_minutes + minutes) for step, path, minutes in exports_of(args.run)]
+        else:
+            meta = weights_meta(args.weights)
+            step = args.step if args.step is not None else int(meta.get("step", 0))
+            minutes = args.minutes if args.minutes is not None else float(meta.get("cpu_seconds", 0)) / 60.0
+            todo = [(step, args.weights, args.start_minutes + minutes)]
+        for step, path, minutes in todo:
+            if (args.stage, step) not in done:
+                rows.append(score_point(val, args.stage, step, minutes, path, args.threads))
+                write_csv(csv_path, rows, FIELDS)  # after each point: an interrupted run keeps what it scored
+    print(f"harmonic fill: SSIM {harmonic['ssim']:.4f} PSNR {harmonic['psnr']:.2f}")
+    if rows:
+        plot(rows, harmonic, args.docs / "stage_curve.png")
+        print(f"wrote {csv_path} and {args.docs / 'stage_curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
