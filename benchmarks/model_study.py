@@ -227,6 +227,14 @@ def report(arms: list[str], harmonic: dict, args) -> None:
 
 
 def plot(arms: list[str], rows: list[dict], harmonic: dict, path: Path) -> None:
+    series = [(arm, [(int(r["step"]), r) for r in rows if r["arm"] == arm]) for arm in arms]
+    draw_curves(series, harmonic, "training step", "Fixed-budget model study (official metrics, validation subjects)", path)
+
+
+def draw_curves(series: list[tuple[str, list[tuple[float, dict]]]], harmonic: dict, xlabel: str, title: str,
+                path: Path, legend_size: int = 8) -> None:
+    """Validation SSIM and PSNR (two panels) of each (label, [(x, scored row)]) series, the
+    harmonic fill as a dashed line, written atomically to `path` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,16 +242,16 @@ def plot(arms: list[str], rows: list[dict], harmonic: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in ((axes[0], "ssim", "validation SSIM"), (axes[1], "psnr", "validation PSNR (dB)")):
-        for arm in arms:
-            pts = sorted((int(r["step"]), float(r[key])) for r in rows if r["arm"] == arm)
+        for name, points in series:
+            pts = sorted((x, float(r[key])) for x, r in points)
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=arm)
+                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
         ax.axhline(harmonic[key], color="k", ls="--", lw=1, label="harmonic fill")
-        ax.set_xlabel("training step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Fixed-budget model study (official metrics, validation subjects)")
+    axes[1].legend(fontsize=legend_size, loc="lower right")
+    fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_study import Validation, exports_of, read_csv, write_csv  # noqa: E402
+from model_study import Validation, draw_curves, exports_of, read_csv, write_csv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ["stage", "step", "minutes", "ssim", "psnr", "mse", "source"]
@@ -45,30 +45,10 @@ def weights_meta(path: Path) -> dict:
 
 
 def plot(rows: list[dict], harmonic: dict, path: Path) -> None:
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stages = list(dict.fromkeys(r["stage"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, key, label in ((axes[0], "ssim", "validation SSIM"), (axes[1], "psnr", "validation PSNR (dB)")):
-        for stage in stages:
-            pts = sorted((float(r["minutes"]), float(r[key])) for r in rows if r["stage"] == stage)
-            ax.plot(*zip(*pts), marker="o", ms=3, label=stage)
-        if key in harmonic:
-            ax.axhline(harmonic[key], color="k", ls="--", lw=1, label="harmonic fill")
-        ax.set_xlabel("CPU minutes since the first step (all stages)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Shipped model's stages (official metrics, 8 validation subjects, one step)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    series = [(stage, [(float(r["minutes"]), r) for r in rows if r["stage"] == stage]) for stage in stages]
+    draw_curves(series, harmonic, "CPU minutes since the first step (all stages)",
+                "Shipped model's stages (official metrics, 8 validation subjects, one step)", path, legend_size=7)
 
 
 def main(argv=None) -> int:

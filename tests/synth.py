@@ -76,6 +76,17 @@ def write_case(
     return folder
 
 
+def load_benchmark(name: str):
+    """The module of `benchmarks/<name>.py` (the benchmark scripts are no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "none", context_slices: int = 0,
                  seed: int = 0, mirror: bool = False, prediction: str = "eps", planes: str = "axial",
                  atlas=None, atlas_fit: str = "box") -> Path:

@@ -1,9 +1,6 @@
 """The population atlas: box alignment, the residual over its harmonic fill, one brain per subject."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -110,10 +107,7 @@ def test_an_atlas_counts_every_subject_once(tmp_path):
 
 
 def test_the_atlas_information_benchmark_scores_both_fills_or_skips_loudly(tmp_path, capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "atlas_information.py"
-    spec = importlib.util.spec_from_file_location("atlas_information", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = synth.load_benchmark("atlas_information")
 
     for i in range(2):
         synth.write_case(tmp_path / "train", f"BraTS-SYN-0000{i}-000", seed=i)

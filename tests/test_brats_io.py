@@ -316,13 +316,7 @@ def test_a_case_in_ras_axes_keeps_every_voxel_and_its_world_position(tmp_path):
 
 def test_the_validation_tables_lps_storage_keeps_every_voxel_at_its_world_position(tmp_path):
     """benchmarks/validation_table.py --store lps: a RAS-stored case stored as BraTS stores."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validation_table.py"
-    spec = importlib.util.spec_from_file_location("validation_table", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = synth.load_benchmark("validation_table")
     synth.write_case(tmp_path, CID, labels=True, affine=np.eye(4))
     ras = _load_one(tmp_path, labels=True)
     lps = bench.stored_lps(ras)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,7 @@ import synth
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stage_curve.py"
-    spec = importlib.util.spec_from_file_location("stage_curve", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return synth.load_benchmark("stage_curve")
 
 
 def _export(weights: Path, path: Path, step: int, cpu_seconds: float) -> Path:

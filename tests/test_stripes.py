@@ -173,14 +173,7 @@ def test_stripe_index_is_high_for_stacked_independent_slices_and_one_for_isotrop
 
 # --------------------------------------------------------------------------- the table script
 def _stripe_table_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stripe_table.py"
-    spec = importlib.util.spec_from_file_location("stripe_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return synth.load_benchmark("stripe_table")
 
 
 def test_stripe_table_runs_the_chosen_variants_on_one_mask_per_subject(tmp_path, weights, capsys):
