@@ -45,6 +45,7 @@ from brainpaint.evaluate import official_metrics
 from brainpaint.checkpoints import list_checkpoints
 from brainpaint.dataset import prior_cache
 from brainpaint.predictors.diffusion import DiffusionInpainter
+from brainpaint.weights import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "configs" / "study"
@@ -162,12 +163,9 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
 
 def exports_of(run: Path) -> list[tuple[int, Path, float]]:
     """(step, file, CPU minutes) of every exported EMA state of a run, by step."""
-    from safetensors import safe_open
-
     found = []
     for path in sorted((run / "exports").glob("step_*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        meta = read_metadata(path)
         found.append((int(meta.get("step", path.stem.split("_")[1])), path, float(meta.get("cpu_seconds", "nan")) / 60.0))
     return found
 

@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_study import Validation, draw_curves, exports_of, read_csv, write_csv  # noqa: E402
 
+from brainpaint.weights import read_metadata  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ["stage", "step", "minutes", "ssim", "psnr", "mse", "source"]
 
@@ -35,13 +37,6 @@ def score_point(val: Validation, stage: str, step: int, minutes: float, path: Pa
     print(f"{stage} step {step} ({minutes:.0f} CPU min): SSIM {scores['ssim']:.4f} PSNR {scores['psnr']:.2f} MSE {scores['mse']:.5f}")
     return {"stage": stage, "step": step, "minutes": f"{minutes:.1f}", "ssim": f"{scores['ssim']:.6f}",
             "psnr": f"{scores['psnr']:.4f}", "mse": f"{scores['mse']:.6f}", "source": str(path)}
-
-
-def weights_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
 
 
 def plot(rows: list[dict], harmonic: dict, path: Path) -> None:
@@ -81,7 +76,7 @@ def main(argv=None) -> int:
         if args.run is not None:
             todo = [(step, path, args.start_minutes + minutes) for step, path, minutes in exports_of(args.run)]
         else:
-            meta = weights_meta(args.weights)
+            meta = read_metadata(args.weights)
             step = args.step if args.step is not None else int(meta.get("step", 0))
             minutes = args.minutes if args.minutes is not None else float(meta.get("cpu_seconds", 0)) / 60.0
             todo = [(step, args.weights, args.start_minutes + minutes)]

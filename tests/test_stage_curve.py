@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file, save_file
-from safetensors import safe_open
 
 import synth
+from brainpaint.weights import read_metadata
 
 
 def _bench():
@@ -17,8 +17,7 @@ def _bench():
 
 def _export(weights: Path, path: Path, step: int, cpu_seconds: float) -> Path:
     """`weights` saved as a run's EMA export of `step` after `cpu_seconds`."""
-    with safe_open(str(weights), "np") as f:
-        meta = dict(f.metadata())
+    meta = read_metadata(weights)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(load_file(str(weights)), str(path), metadata=dict(meta, step=str(step), cpu_seconds=str(cpu_seconds)))
     return path
