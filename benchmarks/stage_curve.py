@@ -1,8 +1,8 @@
 """Learning curve of the shipped model across its training stages: validation SSIM and PSNR
 against the CPU minutes spent since the first step, the harmonic fill as a line.
 
-    python benchmarks/stage_curve.py --run runs/x0_ctx2rg2 --stage "x0_ctx2rg2 (not shipped)" --start-minutes 612
-    python benchmarks/stage_curve.py --weights runs/x0_ctx2rg/model.safetensors --stage x0_ctx2rg --start-minutes 582
+    python benchmarks/stage_curve.py --run runs/x0_ctx2rg2 --stage "x0_ctx2rg2 (continued)" --start-minutes 612
+    python benchmarks/stage_curve.py --weights runs/x0_ctx2rg/model.safetensors --stage "x0_ctx2rg (registered atlas)" --start-minutes 582
     python benchmarks/stage_curve.py --report-only      # redraw docs/stage_curve.png from the CSV
 
 Each stage warm-starts from the one before it, so its points sit at the stage's own CPU minutes
