@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from brainpaint.atlas import ATLAS_FITS, atlas_from_cases, atlas_residual
-from brainpaint.brats_io import discover_cases, load_case
+from brainpaint.conditioning.atlas import ATLAS_FITS, atlas_residual
+from brainpaint.data.atlas_build import atlas_from_cases
+from brainpaint.io.brats import discover_cases, load_case
 from brainpaint.evaluate import official_metrics
-from brainpaint.harmonic import harmonic_fill
-from brainpaint.intensity import IntensityMap
-from brainpaint.weights import weights_config
+from brainpaint.conditioning.harmonic import harmonic_fill
+from brainpaint.conditioning.intensity import IntensityMap
+from brainpaint.model.weights import weights_config
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("ssim", "psnr", "mse")

@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainpaint.batch import case_seed, compose_output
-from brainpaint.brats_io import CaseData, discover_cases, load_case, write_nifti_atomic
-from brainpaint.config import Config
+from brainpaint.infer.batch import case_seed, compose_output
+from brainpaint.io.brats import CaseData, discover_cases, load_case, write_nifti_atomic
+from brainpaint.config.settings import Config
 from brainpaint.evaluate import official_metrics, stripe_index
-from brainpaint.predictors.diffusion import DiffusionInpainter
-from brainpaint.weights import resolve_weights
+from brainpaint.infer.inpainter import DiffusionInpainter
+from brainpaint.model.weights_path import resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "healthy-t1"
@@ -66,7 +66,7 @@ def build_case(data_root: Path, subject: str, seed: int, mask_cm3, out: Path) ->
     """A labelled case folder from a healthy T1: a generated mask voided out, the T1 as truth."""
     import nibabel as nib
 
-    from brainpaint.masks import generate_masks
+    from brainpaint.data.masks import generate_masks
 
     path = data_root / f"{subject}_T1w.nii.gz"
     if not path.is_file():
@@ -96,8 +96,9 @@ def load_folder(folder: Path) -> CaseData:
 def random_weights(preset: str, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
-    from brainpaint.config import model_config_yaml
-    from brainpaint.unet import build_unet, network_channels
+    from brainpaint.config.settings import model_config_yaml
+    from brainpaint.model.unet import build_unet
+    from brainpaint.conditioning.layout import network_channels
 
     cfg = Config.from_dict({"model": {"preset": preset}, "diffusion": {"prediction": "x0"},
                             "data": {"crop_size": 128, "prior": "harmonic", "mirror": True}})

@@ -23,7 +23,7 @@ HEALTHY = Path(__file__).resolve().parents[2] / "shared" / "data" / "healthy-t1"
 
 
 def build_cases(subjects: int, work: Path) -> Path | None:
-    from brainpaint.prepare import run_prepare
+    from brainpaint.data.prepare import run_prepare
 
     files = sorted(HEALTHY.glob("sub-*_T1w.nii.gz"))[:subjects] if HEALTHY.is_dir() else []
     if not files:
@@ -41,8 +41,9 @@ def measure(data: Path, args) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from brainpaint.config import Config
-    from brainpaint.dataset import SliceDataset, TrainStream
+    from brainpaint.config.settings import Config
+    from brainpaint.data.slices import SliceDataset
+    from brainpaint.data.stream import TrainStream
 
     cfg = Config.from_dict(
         {

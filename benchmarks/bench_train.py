@@ -25,10 +25,11 @@ import time
 def run_one(preset: str, mode: str, size: int, batch: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from brainpaint.config import Config
-    from brainpaint.diffusion import GaussianDiffusion
-    from brainpaint.ema import EMA
-    from brainpaint.unet import build_unet, count_parameters, network_channels
+    from brainpaint.config.settings import Config
+    from brainpaint.diffusion.process import GaussianDiffusion
+    from brainpaint.train.ema import EMA
+    from brainpaint.model.unet import build_unet, count_parameters
+    from brainpaint.conditioning.layout import network_channels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config.from_dict({"model": {"preset": preset}})

@@ -106,7 +106,7 @@ def main() -> int:
         print(f"case {CASE_ID}: grid {voided.shape} {voided.dtype}, mask {int(mask.sum())} voxels "
               f"({mask.sum() / 1000:.1f} cm^3)")
 
-        from brainpaint.harmonic import harmonic_fill
+        from brainpaint.conditioning.harmonic import harmonic_fill
 
         start = time.perf_counter()
         harmonic_fill(voided.astype(np.float32), mask)

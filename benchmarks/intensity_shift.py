@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "project"))
-from brainpaint.brats_io import SUFFIXES, discover_cases  # noqa: E402
+from brainpaint.io.brats import SUFFIXES, discover_cases  # noqa: E402
 
 
 def shift_volume(vol: np.ndarray, gamma: float, slopes: np.ndarray) -> np.ndarray:

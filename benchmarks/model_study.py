@@ -39,13 +39,13 @@ import numpy as np
 import torch
 import yaml
 
-from brainpaint.brats_io import discover_cases, load_case
-from brainpaint.config import Config, merge_parameters
+from brainpaint.io.brats import discover_cases, load_case
+from brainpaint.config.settings import Config, merge_parameters
 from brainpaint.evaluate import official_metrics
-from brainpaint.checkpoints import list_checkpoints
-from brainpaint.dataset import prior_cache
-from brainpaint.predictors.diffusion import DiffusionInpainter
-from brainpaint.weights import read_metadata
+from brainpaint.train.checkpoints import list_checkpoints
+from brainpaint.conditioning.inputs import prior_cache
+from brainpaint.infer.inpainter import DiffusionInpainter
+from brainpaint.model.weights import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "configs" / "study"

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from brainpaint.atomic import atomic_write
-from brainpaint.batch import case_seed, compose_output
-from brainpaint.brats_io import discover_cases, load_case
-from brainpaint.config import Config
+from brainpaint.io.atomic import atomic_write
+from brainpaint.infer.batch import case_seed, compose_output
+from brainpaint.io.brats import discover_cases, load_case
+from brainpaint.config.settings import Config
 from brainpaint.evaluate import official_metrics
-from brainpaint.harmonic import harmonic_fill
-from brainpaint.intensity import metric_window
-from brainpaint.predictors import make_predictor
-from brainpaint.report import render_comparison
+from brainpaint.conditioning.harmonic import harmonic_fill
+from brainpaint.conditioning.intensity import metric_window
+from brainpaint.infer.predictors import make_predictor
+from brainpaint.infer.report import render_comparison
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = "BraTS-SYN-00049-000,BraTS-SYN-00056-000"

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_study import Validation, draw_curves, exports_of, read_csv, write_csv  # noqa: E402
 
-from brainpaint.weights import read_metadata  # noqa: E402
+from brainpaint.model.weights import read_metadata  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ["stage", "step", "minutes", "ssim", "psnr", "mse", "source"]

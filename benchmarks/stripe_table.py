@@ -56,14 +56,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainpaint.atomic import write_text
-from brainpaint.batch import run_infer
-from brainpaint.brats_io import discover_cases
-from brainpaint.config import Config
+from brainpaint.io.atomic import write_text
+from brainpaint.infer.batch import run_infer
+from brainpaint.io.brats import discover_cases
+from brainpaint.config.settings import Config
 from brainpaint.evaluate import run_evaluate, summarize
 from brainpaint.errors import InferenceSetupError
-from brainpaint.predictors.diffusion import DiffusionInpainter
-from brainpaint.weights import resolve_weights
+from brainpaint.infer.inpainter import DiffusionInpainter
+from brainpaint.model.weights_path import resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "workspace" / "prepared" / "val"

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainpaint.atomic import write_text
-from brainpaint.brats_io import CaseData, discover_cases, from_ras, load_case
-from brainpaint.config import Config
+from brainpaint.io.atomic import write_text
+from brainpaint.io.brats import CaseData, discover_cases, from_ras, load_case
+from brainpaint.config.settings import Config
 from brainpaint.evaluate import official_metrics
-from brainpaint.harmonic import harmonic_fill
-from brainpaint.predictors.diffusion import DiffusionInpainter
+from brainpaint.conditioning.harmonic import harmonic_fill
+from brainpaint.infer.inpainter import DiffusionInpainter
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("ssim", "psnr", "mse")

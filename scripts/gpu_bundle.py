@@ -66,7 +66,7 @@ def unpack_volume(arrays) -> tuple[np.ndarray, np.ndarray]:
 def pack(data: Path, out: Path, val_subjects: str, part_mib: float) -> int:
     """Pack the training subjects of `prepare`'s split (`val_subjects` as `prepare` reads it)."""
     from brainpaint.errors import ConfigError
-    from brainpaint.prepare import find_subjects, split_subjects
+    from brainpaint.data.prepare import find_subjects, split_subjects
 
     found = find_subjects(data)
     if not found:

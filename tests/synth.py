@@ -96,8 +96,9 @@ def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "no
     import torch  # only the tests that need a network pay for torch
     from safetensors.torch import save_file
 
-    from brainpaint.config import Config, model_config_yaml
-    from brainpaint.unet import build_unet, network_channels
+    from brainpaint.config.settings import Config, model_config_yaml
+    from brainpaint.model.unet import build_unet
+    from brainpaint.conditioning.layout import network_channels
 
     cfg = Config.from_dict(
         {

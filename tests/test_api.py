@@ -15,9 +15,9 @@ import pytest
 
 import synth
 from brainpaint import Inpainter
-from brainpaint.batch import run_infer
-from brainpaint.brats_io import prediction_name
-from brainpaint.config import Config
+from brainpaint.infer.batch import run_infer
+from brainpaint.io.brats import prediction_name
+from brainpaint.config.settings import Config
 from brainpaint.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,19 +6,9 @@ import pytest
 from scipy import ndimage
 
 import synth
-from brainpaint.atlas import (
-    ATLAS_SHAPE,
-    atlas_from_cases,
-    atlas_residual,
-    brain_box,
-    build_atlas,
-    case_atlas,
-    from_canonical,
-    register,
-    to_canonical,
-
-)
-from brainpaint.brats_io import discover_cases, to_ras
+from brainpaint.conditioning.atlas import ATLAS_SHAPE, atlas_residual, brain_box, case_atlas, from_canonical, register, to_canonical
+from brainpaint.data.atlas_build import atlas_from_cases, build_atlas
+from brainpaint.io.brats import discover_cases, to_ras
 
 
 def _ramp_brain(shape, box) -> np.ndarray:

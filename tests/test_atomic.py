@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from brainpaint.atomic import atomic_folder, atomic_write, temp_owner, temp_path, write_text
+from brainpaint.io.atomic import atomic_folder, atomic_write, temp_owner, temp_path, write_text
 
 
 def test_temporary_names_keep_the_extension_and_name_their_writer(tmp_path):

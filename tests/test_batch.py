@@ -12,9 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 import synth
-from brainpaint.batch import Prediction, case_seed, compose_output, parse_shard, run_infer, BatchSetupError
-from brainpaint.brats_io import CaseError, discover_cases, load_case, prediction_name
-from brainpaint.config import Config
+from brainpaint.infer.batch import Prediction, case_seed, compose_output, parse_shard, run_infer, BatchSetupError
+from brainpaint.errors import CaseError
+from brainpaint.io.brats import discover_cases, load_case, prediction_name
+from brainpaint.config.settings import Config
 
 HARMONIC = Config().override({"infer.method": "harmonic"})
 
@@ -65,7 +66,7 @@ def test_harmonic_values_inside_the_mask_are_the_fill(tmp_path):
     synth.write_case(data, "x", labels=False, dtype=np.float32)
     assert run_infer(HARMONIC, data, out) == 0
     pred, mask = _check_output(data, out, "x")
-    from brainpaint.harmonic import harmonic_fill
+    from brainpaint.conditioning.harmonic import harmonic_fill
 
     voided = synth.make_brain() * (1 - synth.make_mask())
     np.testing.assert_array_equal(pred[mask], harmonic_fill(voided, mask)[mask])
@@ -238,7 +239,7 @@ def test_missing_data_folder(tmp_path, capsys):
 
 def test_case_seed_is_stable_across_processes():
     here = case_seed(7, "BraTS-GLI-00001-000")
-    code = "from brainpaint.batch import case_seed; print(case_seed(7, 'BraTS-GLI-00001-000'))"
+    code = "from brainpaint.infer.batch import case_seed; print(case_seed(7, 'BraTS-GLI-00001-000'))"
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "123"})
     assert int(there.stdout) == here
     assert here != case_seed(8, "BraTS-GLI-00001-000") and here != case_seed(7, "BraTS-GLI-00002-000")

@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 
 import synth
-from brainpaint.brats_io import (
-    CaseError,
-    cast_to_dtype,
-    discover_cases,
-    from_ras,
-    load_case,
-    prediction_name,
-    to_ras,
-    write_nifti_atomic,
-)
+from brainpaint.errors import CaseError
+from brainpaint.io.brats import cast_to_dtype, discover_cases, from_ras, load_case, prediction_name, to_ras, write_nifti_atomic
 
 CID = "BraTS-GLI-00001-000"
 

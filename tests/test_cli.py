@@ -8,12 +8,12 @@ import typer.main
 from typer.testing import CliRunner
 
 import synth
-from brainpaint import progress
-from brainpaint.batch import run_infer
-from brainpaint.brats_io import prediction_name
+from brainpaint.infer import progress
+from brainpaint.infer.batch import run_infer
+from brainpaint.io.brats import prediction_name
 from brainpaint.cli import app
-from brainpaint.config import Config
-from brainpaint.predictors import Prediction
+from brainpaint.config.settings import Config
+from brainpaint.infer.prediction import Prediction
 
 COMMANDS = ["infer", "evaluate", "train", "prepare", "export"]
 
@@ -87,7 +87,7 @@ def test_a_run_says_what_it_runs_and_how_each_case_ended(tmp_path):
 
 
 def test_the_diffusion_settings_line_names_sampler_device_and_weights(tmp_path):
-    from brainpaint.batch import settings_lines
+    from brainpaint.infer.batch import settings_lines
 
     cfg = Config().override({"infer.steps": 8, "infer.temperature": 1, "infer.ensemble": 4, "infer.smoothing_sigma": 1.075})
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainpaint import prepare
-from brainpaint.config import Config, InferConfig, model_config_yaml
+from brainpaint.data import prepare
+from brainpaint.config.settings import Config, InferConfig, model_config_yaml
 from brainpaint.errors import ConfigError
-from brainpaint.weights import read_metadata
+from brainpaint.model.weights import read_metadata
 
 
 def test_yaml_values_are_coerced_to_the_declared_types(tmp_path):

@@ -8,23 +8,20 @@ import pytest
 import torch
 
 import synth
-from brainpaint import dataset as ds_mod
-from brainpaint import masks
-from brainpaint.atlas import atlas_from_cases, atlas_residual, build_atlas
-from brainpaint.brats_io import to_ras
-from brainpaint.config import Config
-from brainpaint.dataset import (
-    SliceDataset,
-    TrainStream,
-    VolumeInputs,
-    decode_sample,
-    encode_target,
-    slice_conditioning,
-    volume_inputs,
-)
+from brainpaint.data import slices as ds_mod
+from brainpaint.data import masks
+from brainpaint.data.atlas_build import atlas_from_cases, build_atlas
+from brainpaint.conditioning.atlas import atlas_residual
+from brainpaint.io.brats import to_ras
+from brainpaint.config.settings import Config
+from brainpaint.data.slices import draw_sample, SliceDataset
+from brainpaint.data.stream import TrainStream
+from brainpaint.conditioning.inputs import VolumeInputs, volume_inputs
+from brainpaint.conditioning.layout import InputLayout
+from brainpaint.conditioning.target import decode_sample, encode_target
 from brainpaint.errors import ConfigError
-from brainpaint.harmonic import harmonic_fill
-from brainpaint.intensity import IntensityMap
+from brainpaint.conditioning.harmonic import harmonic_fill
+from brainpaint.conditioning.intensity import IntensityMap
 
 torch.set_num_threads(1)
 
@@ -111,12 +108,12 @@ def test_slice_conditioning_channels_neighbours_and_box():
     m = (b % 3 == 0).astype(np.float32)
     vin = VolumeInputs(imap=IntensityMap(0, 1), b=b, mask=m)
     box = (slice(1, 5), slice(0, 5))
-    plain = slice_conditioning(vin, 2, box, 0)
+    plain = InputLayout().build(vin, 2, box)
     assert plain.shape == (2, 4, 5) and plain.dtype == np.float32
     np.testing.assert_array_equal(plain[0], b[1:5, :, 2])
     np.testing.assert_array_equal(plain[1], m[1:5, :, 2])
 
-    ctx = slice_conditioning(vin, 0, box, 2)
+    ctx = InputLayout(context_slices=2).build(vin, 0, box)
     assert ctx.shape == (10, 4, 5)
     # order: z, z-1, z+1, z-2, z+2 (b then m); z-1 and z-2 are outside the volume -> zeros
     np.testing.assert_array_equal(ctx[0], b[1:5, :, 0])
@@ -187,7 +184,7 @@ def test_crops_have_the_crop_size_and_contain_the_mask_centre(cases):
         coords = np.argwhere(mask2d)
         centre = (coords.min(0) + coords.max(0)) // 2
         for _ in range(5):
-            box = ds.crop_box(mask2d, rng)
+            box = ds.crop_box(mask2d, draw_sample(rng, ds.cfg.data, augment=True).jitter)
             assert [s.stop - s.start for s in box] == [16, 16]
             assert all(s.start <= c < s.stop for s, c in zip(box, centre))
         sample = ds.sample(pair, rng)

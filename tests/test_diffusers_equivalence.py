@@ -13,9 +13,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (dev-only: requirements-extra.txt)")
 
-from brainpaint.config import DiffusionConfig  # noqa: E402
-from brainpaint.diffusion import GaussianDiffusion  # noqa: E402
-from brainpaint.samplers import SAMPLERS  # noqa: E402
+from brainpaint.config.settings import DiffusionConfig  # noqa: E402
+from brainpaint.diffusion.process import GaussianDiffusion  # noqa: E402
+from brainpaint.diffusion.samplers import SAMPLERS  # noqa: E402
 
 STEPS = 10
 TOLERANCE = dict(rtol=1e-4, atol=2e-5)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from brainpaint.config import DiffusionConfig, ModelConfig
-from brainpaint.diffusion import GaussianDiffusion, make_betas, space_timesteps
-from brainpaint.unet import build_unet
+from brainpaint.config.settings import DiffusionConfig, ModelConfig
+from brainpaint.diffusion.process import GaussianDiffusion, make_betas, space_timesteps
+from brainpaint.model.unet import build_unet
 
 torch.set_num_threads(1)
 

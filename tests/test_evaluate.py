@@ -13,9 +13,9 @@ from inpainting.challenge_metrics_2023 import compute_image_quality_metrics
 from typer.testing import CliRunner
 
 import synth
-from brainpaint.batch import run_infer
-from brainpaint.brats_io import prediction_name
-from brainpaint.config import Config
+from brainpaint.infer.batch import run_infer
+from brainpaint.io.brats import prediction_name
+from brainpaint.config.settings import Config
 from brainpaint.evaluate import run_evaluate, stripe_index
 
 CFG = Config().override({"infer.method": "harmonic"})

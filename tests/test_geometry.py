@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brainpaint.brats_io import CaseError
-from brainpaint.geometry import box_size, crop, full_slice_box, mask_box, paste, patch_shape
+from brainpaint.errors import CaseError
+from brainpaint.conditioning.geometry import box_size, crop, full_slice_box, mask_box, paste, patch_shape
 
 
 def _brain(x0, x1, y0, y1, shape=(240, 240, 4)):

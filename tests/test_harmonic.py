@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import synth
-from brainpaint.harmonic import harmonic_fill
+from brainpaint.conditioning.harmonic import harmonic_fill
 
 
 def _ball(shape, centre, radius):

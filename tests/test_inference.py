@@ -12,16 +12,17 @@ import yaml
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from brainpaint.atlas import atlas_residual, build_atlas
-from brainpaint.intensity import IntensityMap
-from brainpaint.brats_io import discover_cases, load_case, to_ras
-from brainpaint.config import Config
+from brainpaint.conditioning.atlas import atlas_residual
+from brainpaint.data.atlas_build import build_atlas
+from brainpaint.conditioning.intensity import IntensityMap
+from brainpaint.io.brats import discover_cases, load_case, to_ras
+from brainpaint.config.settings import Config
 from brainpaint.errors import ConfigError
-from brainpaint.devices import select_device
+from brainpaint.model.devices import select_device
 from brainpaint.errors import InferenceSetupError
-from brainpaint.predictors.diffusion import DiffusionInpainter
-from brainpaint.smoothing import smooth_in_mask
-from brainpaint.weights import resolve_weights
+from brainpaint.infer.inpainter import DiffusionInpainter
+from brainpaint.infer.smoothing import smooth_in_mask
+from brainpaint.model.weights_path import resolve_weights
 
 import synth
 
@@ -300,7 +301,7 @@ def test_parameters_overridden_by_the_weights_are_named_in_one_warning(tmp_path,
               "infer": {"weights": str(weights), "device": "cpu", "steps": 4}}
     capsys.readouterr()
     inpainter = DiffusionInpainter(Config.from_dict(params))
-    assert inpainter.data_cfg.prior == "harmonic" and inpainter.context == 1  # the weights' own settings
+    assert inpainter.data_cfg.prior == "harmonic" and inpainter.layout.context_slices == 1  # the weights' own settings
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1
     assert "model.context_slices=1" in warnings[0] and "data.flip_prob" in warnings[0]

@@ -6,8 +6,8 @@ import torch
 from inpainting.challenge_metrics_2023 import _normalize_with_percentiles
 
 import synth
-from brainpaint.brats_io import cast_to_dtype
-from brainpaint.intensity import IntensityMap
+from brainpaint.io.brats import cast_to_dtype
+from brainpaint.conditioning.intensity import IntensityMap
 
 
 def _voided():

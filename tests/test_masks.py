@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 
 import synth
-from brainpaint import masks
+from brainpaint.data import masks
 
 # 200 to 1500 voxels on the tiny synthetic brain (about 14 000 voxels).
 RANGE = (0.2, 1.5)

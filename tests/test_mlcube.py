@@ -90,7 +90,7 @@ def test_infer_weights_come_from_additional_files(cube):
 
 
 def test_parameters_file_is_a_valid_config():
-    from brainpaint.config import Config
+    from brainpaint.config.settings import Config
 
     Config.load(REPO / "workspace" / "parameters.yaml")  # raises on unknown sections/keys
 
@@ -369,7 +369,7 @@ def test_container_smoke_workspace_holds_every_default_input_of_the_task(cube, t
         kind = spec["type"]
         assert (path.is_dir() if kind == "directory" else path.is_file()), f"{task}.{name}: {path} missing"
     if task == "evaluate":
-        from brainpaint.brats_io import discover_cases
+        from brainpaint.io.brats import discover_cases
 
         labels = workspace / cube["tasks"]["evaluate"]["parameters"]["inputs"]["labels"]["default"]
         cases, errors = discover_cases(labels, labels=True)

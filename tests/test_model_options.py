@@ -11,17 +11,23 @@ import torch
 from safetensors import safe_open
 
 import synth
-from brainpaint import geometry
-from brainpaint.brats_io import discover_cases, load_case
-from brainpaint.budget import Budget
-from brainpaint.config import Config, TrainConfig
-from brainpaint.dataset import IntensityAugmentation, SliceDataset, TrainStream, decode_sample, slice_conditioning, volume_inputs
-from brainpaint.diffusion import GaussianDiffusion
+from brainpaint.conditioning import geometry
+from brainpaint.io.brats import discover_cases, load_case
+from brainpaint.train.budget import Budget
+from brainpaint.config.settings import Config, TrainConfig
+from brainpaint.data.augment import IntensityAugmentation
+from brainpaint.data.slices import SliceDataset
+from brainpaint.data.stream import TrainStream
+from brainpaint.conditioning.target import decode_sample
+from brainpaint.conditioning.inputs import volume_inputs
+from brainpaint.conditioning.layout import InputLayout
+from brainpaint.diffusion.process import GaussianDiffusion
 from brainpaint.evaluate import official_metrics
-from brainpaint.harmonic import harmonic_fill
-from brainpaint.predictors.diffusion import DiffusionInpainter
-from brainpaint.train import list_checkpoints, run_train
-from brainpaint.weights import weights_config
+from brainpaint.conditioning.harmonic import harmonic_fill
+from brainpaint.infer.inpainter import DiffusionInpainter
+from brainpaint.train.checkpoints import list_checkpoints
+from brainpaint.train.trainer import run_train
+from brainpaint.model.weights import weights_config
 from test_inference import write_weights
 
 torch.set_num_threads(1)
@@ -137,7 +143,7 @@ def test_mirror_channels_come_after_b_and_m(tmp_path):
     cfg = Config.from_dict({"data": {"mirror": True, "prior": "harmonic"}})
     vin = volume_inputs(data.voided, data.mask, cfg.data)
     box = (slice(0, 48), slice(0, 48))
-    cond = slice_conditioning(vin, 10, box, 1)
+    cond = InputLayout(mirror=True, context_slices=1).build(vin, 10, box)
     assert cond.shape[0] == 2 + 2 + 4
     np.testing.assert_array_equal(cond[2], geometry.mirror_x(vin.b[:, :, 10], vin.mirror_shift))
     np.testing.assert_array_equal(cond[3], geometry.mirror_x(vin.mask[:, :, 10], vin.mirror_shift))
@@ -155,7 +161,7 @@ def test_intensity_augmentation_keeps_target_and_conditioning_consistent(tmp_pat
     assert aug.gamma != 1.0 and aug.field is not None and aug.mirror_field is not None and aug.field != aug.mirror_field
     cond = plain["cond"].numpy()
     gt = decode_sample(plain["x0"].numpy()[0], cond[0], "harmonic")
-    new_cond, new_gt = aug.apply(cond, gt, mirror=True)
+    new_cond, new_gt = aug.apply(cond, gt, InputLayout.of(cfg))
     outside = cond[1] == 0
     # Outside the mask b is the image, so the augmented b is the augmented ground truth there.
     np.testing.assert_allclose(new_cond[0][outside], new_gt[outside], atol=1e-6)
@@ -163,7 +169,7 @@ def test_intensity_augmentation_keeps_target_and_conditioning_consistent(tmp_pat
     np.testing.assert_array_equal(new_cond[3], cond[3])
     assert not np.allclose(new_cond[0], cond[0]) and not np.allclose(new_cond[2], cond[2])
     assert new_gt.min() >= 0 and new_gt.max() <= 1
-    flat = IntensityAugmentation(gamma=1.0).apply(cond, gt, mirror=True)
+    flat = IntensityAugmentation(gamma=1.0).apply(cond, gt, InputLayout.of(cfg))
     np.testing.assert_array_equal(flat[0], cond)
 
 
@@ -264,7 +270,7 @@ def test_eps_weights_run_16_steps_unless_the_steps_are_chosen(tmp_path, capsys):
     chosen = DiffusionInpainter(Config.from_dict({"infer": {"weights": str(eps), "device": "cpu", "steps": 1}}))
     assert chosen.infer.steps == 1 and "predict eps" not in capsys.readouterr().err
     assert DiffusionInpainter(Config.from_dict({"infer": {"weights": str(x0), "device": "cpu"}})).infer.steps == 1
-    from brainpaint.batch import settings_lines
+    from brainpaint.infer.batch import settings_lines
 
     assert "16 steps" in settings_lines(default.cfg, default)[0]
 

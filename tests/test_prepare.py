@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 import synth
-from brainpaint import masks, prepare
+from brainpaint.data import masks
+from brainpaint.data import prepare
 from brainpaint.cli import app
 
 GRID = (240, 240, 155)

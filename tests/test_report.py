@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from brainpaint.brats_io import CaseData
-from brainpaint.report import GAP, OUTLINE_RGB, mask_centre, write_qa_report
+from brainpaint.io.brats import CaseData
+from brainpaint.infer.report import GAP, OUTLINE_RGB, mask_centre, write_qa_report
 
 import synth
 
@@ -95,7 +95,7 @@ def test_overwrites_existing_png(tmp_path):
 
 
 def test_comparison_has_a_column_per_volume_and_outlines_only_the_first():
-    from brainpaint.report import render_comparison
+    from brainpaint.infer.report import render_comparison
 
     brain = synth.make_brain(SHAPE, seed=3)
     mask = synth.make_mask(SHAPE, centre=(20, 26, 9), radius=4).astype(bool)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from brainpaint.config import DiffusionConfig
-from brainpaint.diffusion import GaussianDiffusion
+from brainpaint.config.settings import DiffusionConfig
+from brainpaint.diffusion.process import GaussianDiffusion
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "sampler_reference.pt"
 ATOL = 1e-5  # outputs lie in [-1, 1]; about 100 float32 ulps at 1

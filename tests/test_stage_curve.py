@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import synth
-from brainpaint.weights import read_metadata
+from brainpaint.model.weights import read_metadata
 
 
 def _bench():

@@ -13,12 +13,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from brainpaint.brats_io import CaseData
-from brainpaint.config import Config
+from brainpaint.io.brats import CaseData
+from brainpaint.config.settings import Config
 from brainpaint.evaluate import stripe_index
 from brainpaint.errors import ConfigError
-from brainpaint.noise import CorrelatedNoise
-from brainpaint.predictors.diffusion import DiffusionInpainter
+from brainpaint.diffusion.noise import CorrelatedNoise
+from brainpaint.infer.inpainter import DiffusionInpainter
 
 import synth
 

@@ -18,23 +18,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import synth
-from brainpaint.atlas import atlas_from_cases
-from brainpaint.brats_io import discover_cases
-from brainpaint.config import Config
-from brainpaint.dataset import SliceDataset, TrainStream
-from brainpaint.diffusion import GaussianDiffusion
-from brainpaint.train import (
-    EMA,
-    export_weights,
-    list_checkpoints,
-    load_model,
-    masked_ssim_psnr,
-    run_train,
-    save_checkpoint,
-)
-from brainpaint.validation import Validator
-from brainpaint.unet import build_unet, network_channels
-from brainpaint.weights import weights_config
+from brainpaint.data.atlas_build import atlas_from_cases
+from brainpaint.io.brats import discover_cases
+from brainpaint.config.settings import Config
+from brainpaint.data.slices import SliceDataset
+from brainpaint.data.stream import TrainStream
+from brainpaint.diffusion.process import GaussianDiffusion
+from brainpaint.model.weights import load_model
+from brainpaint.train.checkpoints import list_checkpoints, save_checkpoint
+from brainpaint.train.ema import EMA
+from brainpaint.train.export import export_weights
+from brainpaint.train.preview import masked_ssim_psnr
+from brainpaint.train.trainer import run_train
+from brainpaint.train.preview import Validator
+from brainpaint.model.unet import build_unet
+from brainpaint.conditioning.layout import network_channels
+from brainpaint.model.weights import weights_config
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,8 +157,8 @@ def test_validation_scores_are_the_known_answer(tmp_path, data):
 def test_validation_clips_the_x0_prediction_like_inference(tmp_path, data):
     from test_inference import write_weights
 
-    from brainpaint.brats_io import discover_cases, load_case
-    from brainpaint.predictors.diffusion import DiffusionInpainter
+    from brainpaint.io.brats import discover_cases, load_case
+    from brainpaint.infer.inpainter import DiffusionInpainter
 
     for prior, bound in (("none", 1.0), ("harmonic", 2.0)):
         cfg = _cfg(data={"prior": prior}, train={"val_slices": 2})

@@ -5,17 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from brainpaint.config import Config, ModelConfig
+from brainpaint.config.settings import Config, ModelConfig
 from brainpaint.errors import ConfigError
-from brainpaint.unet import (
-    PRESETS,
-    AttentionBlock,
-    build_unet,
-    count_parameters,
-    network_channels,
-    resolve_architecture,
-    timestep_embedding,
-)
+from brainpaint.config.presets import PRESETS, resolve_architecture
+from brainpaint.model.unet import AttentionBlock, build_unet, count_parameters, timestep_embedding
+from brainpaint.conditioning.layout import network_channels
 
 torch.set_num_threads(1)
 

@@ -6,6 +6,6 @@ the command line (`brainpaint.cli`).
 
 __version__ = "0.1.0"
 
-from .api import Inpainter  # noqa: E402  (torch-free: the network loads when an Inpainter is made)
+from brainpaint.api import Inpainter  # noqa: E402  (torch-free: the network loads when an Inpainter is made)
 
 __all__ = ["Inpainter", "__version__"]

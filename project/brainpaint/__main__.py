@@ -1,3 +1,3 @@
-from .cli import main
+from brainpaint.cli import main
 
 main()

@@ -19,11 +19,12 @@ from typing import Any, Optional
 import nibabel as nib
 import numpy as np
 
-from .batch import case_seed, compose_output
-from .brats_io import CaseData, check_finite, check_geometry, check_mask, nifti_like
-from .config import Config, InferConfig
-from .errors import CaseError, InputError
-from .predictors import Predictor, make_predictor
+from brainpaint.config.settings import Config, InferConfig
+from brainpaint.errors import CaseError, InputError
+from brainpaint.infer.batch import case_seed, compose_output
+from brainpaint.infer.prediction import Predictor
+from brainpaint.infer.predictors import make_predictor
+from brainpaint.io.brats import CaseData, check_finite, check_geometry, check_mask, nifti_like
 
 
 class Inpainter:
@@ -37,7 +38,7 @@ class Inpainter:
     def from_weights(cls, path=None, **infer_settings: Any) -> "Inpainter":
         """Load a weights file (default: $BRAINPAINT_WEIGHTS, else the shipped weights) with the
         built-in `infer` settings, overridden by `infer_settings` (any key of the `infer`
-        section of `brainpaint/config.py`: `steps=16`, `sampler="ddpm"`, `temperature=1`,
+        section of `brainpaint/config/settings.py`: `steps=16`, `sampler="ddpm"`, `temperature=1`,
         `ensemble=4`, `device="cuda:0"`, `seed=3`, `method="harmonic"`, ...)."""
         overrides = {f"infer.{key}": value for key, value in infer_settings.items()}
         if path is not None:

@@ -13,11 +13,11 @@ from typing import Optional
 
 import typer
 
-from .batch import run_infer
-from .config import Config, InferConfig, PrepareConfig, TrainConfig
-from .errors import ConfigError
-from .prepare import run_prepare
-from .weights_path import WEIGHTS_ENV, default_weights
+from brainpaint.config.settings import Config, InferConfig, PrepareConfig, TrainConfig
+from brainpaint.data.prepare import run_prepare
+from brainpaint.errors import ConfigError
+from brainpaint.infer.batch import run_infer
+from brainpaint.model.weights_path import WEIGHTS_ENV, default_weights
 
 # Plain (click) help, wrapped to the terminal but at least 100 columns wide where there is no
 # terminal (pipes, CI logs), so that option names and defaults are never cut off.
@@ -125,7 +125,7 @@ def evaluate(
 ) -> None:
     """Score predictions with the official BraTS 2023 inpainting metrics (and the stripe index)."""
     cfg = _config(parameters_file, {})
-    from .evaluate import run_evaluate  # loads torch: see the module doc
+    from brainpaint.evaluate import run_evaluate  # loads torch: see the module doc
 
     raise typer.Exit(run_evaluate(cfg, predictions, labels, output_file))
 
@@ -149,7 +149,7 @@ def train(
     cfg = _config(
         parameters_file, {"train.max_steps": max_steps, "train.max_minutes": max_minutes, "train.device": device}
     )
-    from .train import run_train  # loads torch: see the module doc
+    from brainpaint.train.trainer import run_train  # loads torch: see the module doc
 
     raise typer.Exit(run_train(cfg, data_path, output_path, val_dir=val_path, resume=resume))
 
@@ -191,7 +191,7 @@ def export(
     output: Path = typer.Argument(..., help="safetensors file to write (EMA weights + config metadata)."),
 ) -> None:
     """Export the EMA weights of a training checkpoint for inference."""
-    from .weights import export_weights  # loads torch: see the module doc
+    from brainpaint.train.export import export_weights  # loads torch: see the module doc
 
     export_weights(checkpoint, output)
 

@@ -35,11 +35,11 @@ import torch
 import yaml
 from inpainting import challenge_metrics_2023
 
-from .atomic import write_text
-from .brats_io import CaseError, check_finite, check_geometry, check_mask, discover_cases, open_image, prediction_name
-from .config import Config
-from .errors import one_line
-from .progress import CaseProgress
+from brainpaint.config.settings import Config
+from brainpaint.errors import CaseError, one_line
+from brainpaint.infer.progress import CaseProgress
+from brainpaint.io.atomic import write_text
+from brainpaint.io.brats import check_finite, check_geometry, check_mask, discover_cases, open_image, prediction_name
 
 MAIN_METRICS = ("ssim", "psnr", "mse")
 # torchmetrics' SSIM window is 11 x 11: with more than 5 zero voxels around the mask every

@@ -1,0 +1,117 @@
+"""One volume's network inputs.
+
+`volume_inputs` normalises a voided volume with the metric's own map and builds the `b`
+channel (the prior-filled voided volume), the midline of the mirrored channels and the atlas
+residual; `layout.InputLayout.build` cuts one slice's channels out of them. Training
+(`data.slices`) and inference (`infer.inpainter`) both build the network's inputs here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from brainpaint.conditioning.atlas import atlas_residual
+from brainpaint.conditioning.geometry import midline_shift, to_plane
+from brainpaint.conditioning.harmonic import harmonic_fill
+from brainpaint.conditioning.intensity import IntensityMap
+
+
+@dataclass
+class VolumeInputs:
+    """Network-scale inputs of one (volume, mask): `b` and `mask` are [X, Y, Z] (float32 or,
+    in the training cache, a byte mask); `mirror_shift` is the midline of the mirrored channels
+    (`geometry.mirror_x`), None without `data.mirror`; `atlas` the atlas residual
+    (`atlas.atlas_residual`, [X, Y, Z]), None without `model.atlas`."""
+
+    imap: IntensityMap
+    b: np.ndarray
+    mask: np.ndarray
+    mirror_shift: Optional[int] = None
+    atlas: Optional[np.ndarray] = None
+
+    def in_plane(self, plane: str) -> "VolumeInputs":
+        """The same inputs with `plane`'s slices on the last axis (`geometry.to_plane`, views)."""
+        turn = lambda a: None if a is None else to_plane(a, plane)  # noqa: E731
+        return VolumeInputs(self.imap, turn(self.b), turn(self.mask), self.mirror_shift, turn(self.atlas))
+
+    def z_range(self, z0: int, z1: int) -> "VolumeInputs":
+        """The same inputs restricted to slices z0 .. z1 - 1."""
+        cut = lambda a: None if a is None else np.ascontiguousarray(a[:, :, z0:z1])  # noqa: E731
+        return VolumeInputs(self.imap, cut(self.b), cut(self.mask), self.mirror_shift, cut(self.atlas))
+
+
+@dataclass
+class PriorCache:
+    """What `volume_inputs` would compute expensively: the harmonic fill at the mask voxels
+    (input scale), the midline shift and the atlas residual at the mask voxels. Any may be
+    None (then it is computed)."""
+
+    fill: Optional[np.ndarray] = None
+    shift: Optional[int] = None
+    atlas: Optional[np.ndarray] = None
+
+
+def volume_inputs(
+    voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optional[PriorCache] = None, atlas: Optional[np.ndarray] = None
+) -> VolumeInputs:
+    """Normalise a voided volume and build the conditioning volume `b`.
+
+    The intensity map is fitted on the voided volume exactly as the official metric does,
+    so [0, 1] here is the metric's scale. With `prior="harmonic"` the region inside the mask
+    holds the 3D harmonic fill of the surrounding tissue instead of zeros, which turns the
+    network's job into predicting a residual texture rather than the whole region. With
+    `data.mirror` the midline is found for the mirrored channels. With an `atlas`
+    (`model.atlas`) its residual over its own harmonic fill is computed
+    (`atlas.atlas_residual`), and `data.atlas_gain` times it is added to the fill in `b`.
+    `known` passes a fill, midline or atlas residual computed before (training caches,
+    repeated scoring of the same case).
+    """
+    known = known or PriorCache()
+    mask = np.asarray(mask, dtype=bool)
+    voided = np.asarray(voided, dtype=np.float32)
+    imap = IntensityMap.fit(voided)
+    if data_cfg.prior == "harmonic" and mask.any():
+        if known.fill is None:
+            filled = harmonic_fill(voided, mask)
+        else:
+            filled = voided.copy()
+            filled[mask] = known.fill
+        b = imap.normalize(filled)
+    else:
+        b = imap.normalize(voided)
+        b[mask] = 0.0
+    shift = None
+    if data_cfg.mirror:
+        shift = midline_shift(voided, (voided != 0) & ~mask) if known.shift is None else int(known.shift)
+    residual = None
+    if atlas is not None:
+        if known.atlas is None:
+            residual = _case_atlas_residual(atlas, voided, mask, imap, data_cfg.atlas_fit)
+        else:
+            residual = np.zeros(mask.shape, np.float32)
+            residual[mask] = known.atlas
+        if data_cfg.atlas_gain:  # the atlas-guided fill (the residual is zero outside the mask)
+            b = np.clip(b + np.float32(data_cfg.atlas_gain) * residual, 0.0, 1.0)
+    return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift, residual)
+
+
+def _case_atlas_residual(
+    atlas: np.ndarray, voided: np.ndarray, mask: np.ndarray, imap: IntensityMap, fit: str = "box"
+) -> np.ndarray:
+    """`atlas.atlas_residual` of a voided volume: its known voxels on the network scale, its brain
+    the non-zero voxels and the mask, the atlas placed by `fit` (`data.atlas_fit`)."""
+    return atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask, fit)
+
+
+def prior_cache(
+    voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None, fit: str = "box"
+) -> PriorCache:
+    """The harmonic fill (at the mask voxels), midline and, given an `atlas`, the atlas
+    residual (at the mask voxels, the atlas placed by `fit`) of a voided volume."""
+    voided = np.asarray(voided, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    fill = harmonic_fill(voided, mask)[mask] if mask.any() else np.zeros(0, np.float32)
+    residual = None if atlas is None else _case_atlas_residual(atlas, voided, mask, IntensityMap.fit(voided), fit)[mask]
+    return PriorCache(fill=fill, shift=midline_shift(voided, (voided != 0) & ~mask), atlas=residual)

@@ -1,0 +1,1 @@
+"""Settings: the one typed configuration (`settings`) and the network presets (`presets`)."""

@@ -1,0 +1,1 @@
+"""The diffusion process (`process`), sampling noise (`noise`) and the samplers (`samplers`)."""

@@ -1,0 +1,1 @@
+"""Inference: predictors, the diffusion inpainter, smoothing, the batch runner, reports, progress."""

@@ -1,0 +1,281 @@
+"""Fault-tolerant batch inference over a folder of BraTS cases.
+
+For every case: load and validate it, run the predictor, and write exactly one
+`<ID>-t1n-inference.nii.gz` flat in the output folder. The written volume is the voided input,
+bit for bit, outside the mask and the prediction inside it, in the input's on-disk dtype (rounded
+and clipped for integer types), with the input's affine and header.
+
+A bad case costs one line on stderr and never stops the others; the run ends with a summary
+table and a line such as "3 cases: 2 ok, 1 failed, 0 skipped", and the exit status is 1 if any
+case failed. The output folder receives predictions only (atomic writes, no logs); it is checked
+up front, so an unusable folder fails in one line before any work is done. Reports (uncertainty
+maps, QA PNGs) go to a separate `report_dir`.
+
+Sharding: with `shard="i/n"` the case folders, sorted by ID, are dealt round-robin and this run
+takes those with index k % n == i, so n independent processes cover every case exactly once.
+Without `shard`, a run under torchrun (RANK/WORLD_SIZE) takes shard RANK/WORLD_SIZE.
+
+Resuming: a case whose prediction already exists is skipped (unless `overwrite`); a temporary
+file left in the output folder by a killed run is removed when its case comes up again.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from brainpaint.config.settings import Config
+from brainpaint.errors import BatchSetupError, CaseError, InferenceSetupError, one_line
+from brainpaint.infer.prediction import Prediction, Predictor
+from brainpaint.infer.predictors import make_predictor
+from brainpaint.infer.progress import CaseProgress, show_sampling_steps
+from brainpaint.infer.report import write_qa_report
+from brainpaint.io.atomic import temp_owner
+from brainpaint.io.brats import CaseData, cast_to_dtype, discover_cases, load_case, prediction_name, warn, write_nifti_atomic
+from brainpaint.model.weights_path import resolve_weights
+
+
+def case_seed(base_seed: int, case_id: str) -> int:
+    """A per-case seed that is the same in every process and on every machine (unlike `hash()`,
+    which is salted per process), so a case gives the same sample whichever shard runs it."""
+    digest = hashlib.sha256(f"{int(base_seed)}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
+    if shard is None or shard == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
+    if not match:
+        raise BatchSetupError(f"invalid shard '{shard}': expected i/n with 0 <= i < n, e.g. 0/4")
+    i, n = int(match.group(1)), int(match.group(2))
+    if n < 1 or i >= n:
+        raise BatchSetupError(f"invalid shard '{shard}': expected i/n with 0 <= i < n, e.g. 0/4")
+    return i, n
+
+
+def shard_from_environment() -> Optional[str]:
+    """Under torchrun (RANK/WORLD_SIZE set, more than one process) each rank takes its shard."""
+    world, rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
+    if world and rank and world.strip() not in ("", "1"):
+        return f"{rank.strip()}/{world.strip()}"
+    return None
+
+
+def in_shard(index: int, shard: Optional[tuple[int, int]]) -> bool:
+    return shard is None or index % shard[1] == shard[0]
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Create the output folder if needed and prove it is writable, in one clear line if not.
+
+    Besides `os.access`, a probe file is created and removed: permissions are not the whole story
+    (read-only mounts, a file where a parent folder should be, running as root)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BatchSetupError(f"output folder {out_dir} cannot be created: a file is in the way")
+    except OSError as exc:
+        raise BatchSetupError(f"output folder {out_dir} cannot be created: {exc.strerror or exc}")
+    if not out_dir.is_dir():
+        raise BatchSetupError(f"output folder {out_dir} is not a folder")
+    if not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise BatchSetupError(f"output folder {out_dir} is not readable and writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".brainpaint-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BatchSetupError(f"output folder {out_dir} is not writable: {exc.strerror or exc}")
+
+
+def remove_stale_temporaries(out_dir: Path, case_id: str) -> None:
+    """Delete temporary files that a killed earlier run left for this case.
+
+    Temporaries are recognised by the naming of `atomic.atomic_write`. Only this run's cases are
+    touched (shards never share a case), and a file whose writer process is still alive on this
+    machine is left alone."""
+    name = prediction_name(case_id)
+    for path in out_dir.glob(f".{glob.escape(name)}*"):
+        pid = temp_owner(path, name)
+        if pid is None or (pid != os.getpid() and _process_alive(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def compose_output(data: CaseData, prediction: Prediction) -> np.ndarray:
+    """The voided image exactly outside the mask, the prediction inside, in the on-disk dtype."""
+    volume = np.asarray(prediction.volume)
+    if volume.shape != data.mask.shape:
+        raise CaseError(data.id, f"predictor returned shape {volume.shape}, expected {data.mask.shape}")
+    inside = volume[data.mask]
+    if not np.all(np.isfinite(inside)):
+        raise CaseError(data.id, "predictor returned NaN/Inf inside the mask")
+    base = data.voided_disk if data.voided_disk is not None else cast_to_dtype(data.voided, data.dtype)
+    output = np.array(base, dtype=data.dtype, copy=True)
+    output[data.mask] = cast_to_dtype(inside, data.dtype)
+    return output
+
+
+def _write_reports(data: CaseData, output: np.ndarray, prediction: Prediction, report_dir: Path) -> None:
+    """Uncertainty map and QA picture; a failure here is a warning, the prediction stands."""
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        if prediction.std is not None:
+            write_nifti_atomic(prediction.std, data.header, data.affine, report_dir / f"{data.id}-std.nii.gz", np.float32)
+        write_qa_report(data, output, report_dir / f"{data.id}-qa.png")
+    except Exception as exc:
+        warn(f"{data.id}: report not written: {type(exc).__name__}: {one_line(exc)}")
+
+
+def print_summary(rows: list[tuple[str, str, float, int]], stream=None) -> None:
+    stream = stream or sys.stderr
+    if rows:
+        width = max(len("case"), *(len(r[0]) for r in rows))
+        print(f"{'case':<{width}}  {'status':<7}  {'seconds':>8}  {'slices':>6}", file=stream)
+        for case_id, status, seconds, slices in rows:
+            print(f"{case_id:<{width}}  {status:<7}  {seconds:>8.1f}  {slices:>6d}", file=stream)
+    counts = {s: sum(1 for r in rows if r[1] == s) for s in ("ok", "failed", "skipped")}
+    print(
+        f"{len(rows)} cases: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped",
+        file=stream,
+    )
+
+
+def run_infer(
+    cfg: Config,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    shard: Optional[str] = None,
+    report_dir: Optional[str | Path] = None,
+    overwrite: bool = False,
+    predictor: Optional[Predictor] = None,
+) -> int:
+    """Inpaint every case under `data_dir` into `out_dir`; returns the process exit code
+    (0 all good, 1 some case failed, 2 the run could not start). `predictor` overrides
+    `make_predictor(cfg)` (tests, custom methods).
+
+    Everything that can stop the whole run is checked before the output folder is created or
+    touched: the shard, the data folder, and the predictor (weights, device), which is built
+    only when some case is left to do. Then one or two lines say which settings run."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    try:
+        entries = _entries(data_dir, out_dir, shard, report_dir)
+        todo = [case for _, case in entries if not isinstance(case, CaseError) and (overwrite or not _done(out_dir, case.id))]
+        if todo and predictor is None:
+            predictor = _setup_predictor(cfg)
+        check_output_dir(out_dir)
+    except (BatchSetupError, InferenceSetupError, OSError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    for line in settings_lines(cfg, predictor if todo else None):
+        print(line, file=sys.stderr)
+    with CaseProgress(len(entries), "infer") as progress:
+        if todo and progress.enabled:
+            show_sampling_steps(predictor)
+        rows = [_case_row(case_id, item, predictor, cfg.infer.seed, out_dir, report_dir, overwrite, progress)
+                for case_id, item in entries]
+    rows.sort(key=lambda r: r[0])
+    print_summary(rows)
+    return 1 if any(r[1] == "failed" for r in rows) else 0
+
+
+def _done(out_dir: Path, case_id: str) -> bool:
+    return (out_dir / prediction_name(case_id)).exists()
+
+
+def _setup_predictor(cfg: Config) -> Predictor:
+    """`make_predictor(cfg)`, any failure as one InferenceSetupError line naming the method."""
+    if cfg.infer.method == "diffusion":
+        resolve_weights(cfg.infer.weights)  # a missing file is named before torch loads
+    try:
+        return make_predictor(cfg)
+    except Exception as exc:
+        raise InferenceSetupError(f"cannot set up infer.method '{cfg.infer.method}': {one_line(exc)}") from exc
+
+
+def settings_lines(cfg: Config, predictor: Optional[Predictor]) -> list[str]:
+    """What runs, in one or two lines: the sampler settings, then the device and weights file
+    of the predictor that was built (none is built when every case is already done)."""
+    inf = getattr(predictor, "infer", None) or cfg.infer  # what the predictor runs (eps weights: more steps)
+    if inf.method == "harmonic":
+        return ["infer: method harmonic (classical 3D fill, no network), device cpu"]
+    lines = [
+        f"infer: method diffusion, sampler {inf.sampler}, {inf.steps} steps, eta {inf.eta:g}, "
+        f"temperature {inf.temperature:g}, ensemble {inf.ensemble}, "
+        + (f"filter sigma {inf.smoothing_sigma:g}" if inf.smoothing_sigma > 0 else "no filter")
+        + f", seed {inf.seed}"
+    ]
+    device, weights = getattr(predictor, "device", None), getattr(predictor, "weights", None)
+    if device is not None and weights is not None:
+        lines.append(f"infer: device {device}, weights {weights}")
+    return lines
+
+
+def _entries(data_dir: Path, out_dir: Path, shard: Optional[str], report_dir) -> list[tuple[str, object]]:
+    """(case id, Case or CaseError) of this shard, sorted; BatchSetupError/OSError when the run cannot start."""
+    if shard is None:
+        shard = shard_from_environment()
+    shard_ix = parse_shard(shard)
+    cases, errors = discover_cases(data_dir, labels=False)
+    if report_dir is not None and Path(report_dir).resolve() == out_dir.resolve():
+        raise BatchSetupError("the report folder must differ from the output folder (predictions only there)")
+    # Bad folders take part in the sharding like good ones, so each is reported by one shard.
+    entries = sorted([(c.id, c) for c in cases] + [(e.case_id, e) for e in errors], key=lambda item: item[0])
+    entries = [item for k, item in enumerate(entries) if in_shard(k, shard_ix)]
+    if not entries:
+        print(f"warning: no cases found in {data_dir}" + (f" for shard {shard}" if shard else ""), file=sys.stderr)
+    return entries
+
+
+def _case_row(case_id: str, item, predictor, seed: int, out_dir: Path, report_dir, overwrite: bool,
+              progress: CaseProgress) -> tuple[str, str, float, int]:
+    """One entry of the run: a bad case folder, a finished case to skip, or a case to inpaint."""
+    remove_stale_temporaries(out_dir, case_id)
+    if isinstance(item, CaseError):
+        progress.finished(f"error: {item}")
+        return case_id, "failed", 0.0, 0
+    if not overwrite and _done(out_dir, case_id):
+        progress.finished(f"{case_id}: {prediction_name(case_id)} exists, skipped (use --overwrite to recompute)")
+        return case_id, "skipped", 0.0, 0
+    row = _run_case(item, predictor, seed, out_dir, report_dir)
+    progress.finished(f"{case_id}: ok ({row[2]:.1f} s, {row[3]} slices)" if row[1] == "ok" else f"error: {case_id}: {row[4]}")
+    return row[:4]
+
+
+def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> tuple:
+    """Predict, compose and write one case: (id, "ok"/"failed", seconds, slices, problem)."""
+    start = time.perf_counter()
+    try:
+        data = load_case(case)
+        prediction = predictor(data, case_seed(seed, case.id))
+        output = compose_output(data, prediction)
+        write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
+        if report_dir is not None:
+            _write_reports(data, output, prediction, Path(report_dir))
+        return case.id, "ok", time.perf_counter() - start, int(prediction.slices), ""
+    except CaseError as exc:
+        problem = exc.problem
+    except Exception as exc:  # a crash in one case must not stop the others
+        problem = f"{type(exc).__name__}: {one_line(exc)}"
+    return case.id, "failed", time.perf_counter() - start, 0, problem

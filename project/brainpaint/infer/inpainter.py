@@ -1,0 +1,291 @@
+"""The diffusion predictor: a trained network fills the mask of a case, slice by slice.
+
+`DiffusionInpainter(cfg)` is built once per run (weights, network, diffusion) and is stateless
+between cases, so one bad case cannot affect the next. Per case:
+
+0. The case is turned to RAS axes (`CaseData.in_ras`), the frame of the training brains and
+   the atlas; the result is turned back to the case's own array order at the end.
+1. `dataset.volume_inputs` normalises the voided volume with the metric's own percentile map
+   (so the network's [0, 1] is the metric's [0, 1]) and builds the prior-filled `b` channel.
+2. In-plane windows are chosen once per volume, so all slices of a window stack into batches:
+   the whole-slice window of whole-slice models; for crop models either windows of exactly
+   the training crop size covering the mask, blended where they overlap (`infer.tile`), or
+   one box grown around the whole mask.
+3. Every axial slice of a window that contains mask voxels is conditioned and denoised; slices
+   go through the network `infer.batch_slices` at a time (not one by one), under
+   `torch.inference_mode` and, on CUDA, bf16 autocast. Each slice draws its noise from its own
+   seed, so the result does not depend on the batch size. With `infer.planes: axial+coronal`
+   the coronal slices are filled the same way and the two fills averaged.
+4. `infer.ensemble` independent samples are averaged (the challenge metrics reward the
+   conditional mean); their standard deviation is returned as an uncertainty map.
+5. An optional Gaussian post-filter smooths the in-mask result, then the volume is mapped back
+   to the input intensity scale. `batch.py` restores every known voxel bit-exactly.
+
+The same weights serve every sampler: `ddpm` with 1000 steps is the paper-faithful ancestral
+path; `ddim` (or respaced `ddpm`) with few steps is the fast default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import torch
+
+from brainpaint.conditioning import geometry
+from brainpaint.conditioning.geometry import PLANE_AXES, plane_names, to_plane
+from brainpaint.conditioning.inputs import PriorCache, VolumeInputs, volume_inputs
+from brainpaint.conditioning.layout import InputLayout
+from brainpaint.conditioning.target import clip_bound, decode_sample, encode_target
+from brainpaint.config.presets import size_multiple
+from brainpaint.config.settings import MODEL_SECTIONS, Config
+from brainpaint.diffusion.noise import SliceNoise
+from brainpaint.diffusion.process import GaussianDiffusion
+from brainpaint.errors import CaseError, InferenceSetupError
+from brainpaint.infer.prediction import Prediction
+from brainpaint.infer.smoothing import smooth_in_mask
+from brainpaint.io.brats import from_ras, warn
+from brainpaint.model.devices import select_device
+from brainpaint.model.weights import load_model
+from brainpaint.model.weights_path import resolve_weights
+
+
+def _setting(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def warn_overridden(cfg: Config, weights_cfg: Config, weights) -> list[str]:
+    """Say in one line which model/diffusion/data values of the parameters the weights replace."""
+    keys = sorted(
+        k for k in cfg.explicit if k.split(".")[0] in MODEL_SECTIONS and _setting(cfg, k) != _setting(weights_cfg, k)
+    )
+    if keys:
+        given = ", ".join(f"{k}={_setting(cfg, k)!r}" for k in keys)
+        used = ", ".join(f"{k}={_setting(weights_cfg, k)!r}" for k in keys)
+        warn(f"the weights {weights} define {used}; the parameters' {given} are not used for inference")
+    return keys
+
+
+# Sampler steps of eps-prediction weights when the parameters leave `infer.steps` at its default
+# (1, the conditional mean of x0/v weights): one step from x_T = 0 cannot reach it through eps.
+EPS_STEPS = 16
+
+
+def eps_steps(cfg: Config, weights_cfg: Config, weights):
+    """The infer settings to run: `cfg.infer`, with EPS_STEPS steps for eps weights unless the
+    parameters chose the steps (said in one line)."""
+    inf = cfg.infer
+    few = inf.steps < EPS_STEPS and "infer.steps" not in cfg.explicit
+    if weights_cfg.diffusion.prediction != "eps" or not few:
+        return inf
+    warn(f"the weights {weights} predict eps, which needs more than {inf.steps} step(s): "
+         f"running {EPS_STEPS} {inf.sampler} steps (set infer.steps to choose)")
+    return dataclasses.replace(inf, steps=EPS_STEPS)
+
+
+# --------------------------------------------------------------------------- the diffusion predictor
+class DiffusionInpainter:
+    """Predictor `(data: CaseData, seed: int) -> Prediction` backed by a trained diffusion model.
+
+    The network, diffusion schedule and data transform (prior, crop size, slice size, context
+    slices) come from the weights file's own metadata, so a weights file always runs with the
+    settings it was trained with (a parameters file that sets others gets a warning); the
+    sampling settings come from `cfg.infer`.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.infer = cfg.infer
+        self.device = select_device(self.infer.device, announce=True)
+        self.weights = resolve_weights(self.infer.weights)
+        try:
+            self.model, self.model_cfg = load_model(self.weights, self.device)
+        except Exception as exc:  # corrupt file, wrong metadata: one clear line
+            raise InferenceSetupError(f"cannot load weights {self.weights}: {exc}") from exc
+        warn_overridden(cfg, self.model_cfg, self.weights)
+        self.infer = eps_steps(cfg, self.model_cfg, self.weights)
+        self.diffusion = GaussianDiffusion(self.model_cfg.diffusion)
+        if self.infer.steps > self.diffusion.num_timesteps:
+            raise InferenceSetupError(
+                f"infer.steps must be <= the {self.diffusion.num_timesteps} diffusion steps of {self.weights}, "
+                f"got {self.infer.steps}"
+            )
+        self.data_cfg = self.model_cfg.data
+        self.layout = InputLayout.of(self.model_cfg)
+        self.multiple = size_multiple(self.model_cfg.model)
+        # Harmonic fills and midlines known in advance, by case id (scoring the same cases again).
+        self.known_priors: dict[str, PriorCache] = {}
+        # The population atlas the weights carry (`model.atlas`), for the atlas channel.
+        self.atlas = self.model.atlas.detach().float().cpu().numpy() if self.model_cfg.model.atlas else None
+
+    def volume_inputs(self, data) -> VolumeInputs:
+        """`dataset.volume_inputs` of a case in RAS axes (`CaseData.in_ras`, as are the methods
+        below): its harmonic fill and midline if known in advance (`known_priors`, also RAS),
+        and the weights' atlas."""
+        return volume_inputs(data.voided, data.mask, self.data_cfg, self.known_priors.get(data.id), self.atlas)
+
+    # ------------------------------------------------------------------ geometry
+    def slice_box(self, data) -> tuple[slice, slice]:
+        """One in-plane box for the whole volume, so all slices stack into batches.
+
+        Whole-slice models get the `data.slice_size` window holding the brain; crop models a
+        box around the mask grown by `infer.crop_margin`. Where the grid is smaller than the
+        network patch (or not a multiple of the U-Net's downsampling factor), the box is
+        extended past the high end of the grid; `slice_conditioning` fills that part with
+        zeros (background), as `geometry.crop` pads training patches, and `geometry.paste`
+        ignores it.
+        """
+        mask = np.asarray(data.mask, dtype=bool)
+        if self.data_cfg.crop_size is None:
+            size = self.data_cfg.slice_size
+            brain = (np.asarray(data.voided) != 0) | mask
+            box = geometry.full_slice_box(brain, size=size, case_id=data.id)
+        else:
+            size = self.data_cfg.crop_size
+            box = geometry.mask_box(
+                mask, min_size=size, multiple=self.multiple, margin=self.infer.crop_margin, shape=mask.shape
+            )
+        h, w = geometry.patch_shape(box, size=size, multiple=self.multiple)
+        return slice(box[0].start, box[0].start + h), slice(box[1].start, box[1].start + w)
+
+    def windows(self, data) -> list[tuple[tuple[slice, slice], Optional[np.ndarray]]]:
+        """(box, blending weight) of every in-plane window of a case; weight None for a single
+        window that holds the whole mask."""
+        size = self.data_cfg.crop_size
+        if size is None or not self.infer.tile:
+            return [(self.slice_box(data), None)]
+        mask = np.asarray(data.mask, dtype=bool)
+        boxes = geometry.window_boxes(mask, size, margin=self.infer.crop_margin)
+        return [(box, geometry.window_weight(size)) for box in boxes]
+
+    # ------------------------------------------------------------------ sampling
+    def _autocast_dtype(self) -> Optional[torch.dtype]:
+        """bf16 for the network on CUDA (the diffusion arithmetic stays float32); never on CPU."""
+        return torch.bfloat16 if self.device.type == "cuda" and self.infer.bf16 else None
+
+    def sample_slices(self, cond: np.ndarray, seed: int, member: int, keys: Optional[list] = None) -> np.ndarray:
+        """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space).
+
+        `keys` name the slices (tuples of ints, default (index,)): slice i draws its noise
+        from the seed (seed, member, keys[i]), whatever batch it lands in.
+        """
+        inf = self.infer
+        n = cond.shape[0]
+        keys = keys if keys is not None else [(i,) for i in range(n)]
+        batch = inf.batch_slices or n
+        noise = SliceNoise(seed, member, inf.noise_correlation, self.device)
+        prior = self.data_cfg.prior
+        out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
+        for start in range(0, n, batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(self.device)
+            known = known_mask = None
+            if inf.repaint:
+                b, m = chunk[:, 0:1], chunk[:, 1:2]
+                known = encode_target(b, b, prior)
+                known_mask = 1.0 - m
+            draw = lambda c, k, m, noise_fn: self.diffusion.sample(  # noqa: E731
+                self.model,
+                c,
+                sampler=inf.sampler,
+                steps=inf.steps,
+                eta=inf.eta,
+                noise_fn=noise_fn,
+                known=k,
+                known_mask=m,
+                clip_denoised=clip_bound(prior),
+                autocast=self._autocast_dtype(),
+                temperature=inf.temperature,
+            )
+            chunk_keys = keys[start : start + batch]
+            x0 = draw(chunk, known, known_mask, noise.for_slices(chunk_keys))
+            if inf.flip_average:
+                # The mirrored slices (first in-plane axis) with the mirrored noise, mirrored back:
+                # a network that were exactly mirror-symmetric would give the same draw twice.
+                turn = lambda t: None if t is None else t.flip(-2)  # noqa: E731
+                mirrored = noise.for_slices(chunk_keys)
+                x0m = draw(turn(chunk), turn(known), turn(known_mask), lambda shape, g=None: turn(mirrored(shape, g)))
+                x0 = 0.5 * (x0 + turn(x0m))
+            out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ one case
+    def conditioning(self, data, vin=None, box=None):
+        """(slice indices, VolumeInputs, box, conditioning [N, C, H, W]) of the masked slices of
+        one window (`box`, default the single window of `slice_box`)."""
+        mask = np.asarray(data.mask, dtype=bool)
+        if not mask.any():
+            raise CaseError(data.id, "mask is empty: nothing to inpaint")
+        if vin is None:
+            vin = self.volume_inputs(data)
+        box = self.slice_box(data) if box is None else box
+        zs = [int(z) for z in np.flatnonzero(geometry.crop(mask, box).any(axis=(0, 1)))]
+        if not zs:  # a window of the grid that holds no mask voxel
+            return zs, vin, box, None
+        cond = np.stack([self.layout.build(vin, z, box) for z in zs])
+        return zs, vin, box, cond
+
+    def planes(self) -> list[str]:
+        """The slice planes filled (`infer.planes`, by default those the weights were trained on)."""
+        return plane_names(self.infer.planes or self.data_cfg.planes)
+
+    def fill_plane(self, data, vin, seed: int, member: int, plane: str) -> np.ndarray:
+        """`fill` on the slices of `plane`, returned in the volume's order of mask voxels."""
+        if plane == "axial":
+            return self.fill(data, vin, seed, member)
+        mask = np.asarray(data.mask, dtype=bool)
+        turned = dataclasses.replace(data, voided=to_plane(data.voided, plane), mask=to_plane(mask, plane))
+        values = np.zeros(turned.mask.shape, np.float32)
+        values[turned.mask] = self.fill(turned, vin.in_plane(plane), seed, member, key=(PLANE_AXES[plane][1],))
+        return to_plane(values, plane)[mask]
+
+    def fill(self, data, vin, seed: int, member: int, key: tuple = ()) -> np.ndarray:
+        """One member's fill of the mask voxels ([0, 1] scale, the volume's C order); slice z of
+        window w draws its noise from the key (w, z) + `key`."""
+        mask = np.asarray(data.mask, dtype=bool)
+        total = np.zeros(mask.shape, np.float32)
+        weights = np.zeros(mask.shape, np.float32)
+        for w, (box, weight) in enumerate(self.windows(data)):
+            zs, _, _, cond = self.conditioning(data, vin, box)
+            if not zs:
+                continue
+            x0 = self.sample_slices(cond, seed, member, keys=[(w, z) + key for z in zs])
+            images = decode_sample(x0, cond[:, self.layout.index("b")], self.data_cfg.prior)
+            weight = np.ones(images.shape[1:], np.float32) if weight is None else weight
+            for i, z in enumerate(zs):
+                for target, values in ((total, weight * images[i]), (weights, weight)):
+                    plane = geometry.crop(target[:, :, z], box) + values
+                    geometry.paste(plane, box, target[:, :, z], where=mask[:, :, z])
+        return total[mask] / weights[mask]
+
+    def __call__(self, data, seed: int) -> Prediction:
+        """The prediction of a case, in its own array order (filled in RAS axes)."""
+        pred = self.predict_ras(data.in_ras(), seed)
+        back = lambda a: None if a is None else from_ras(a, data.affine)  # noqa: E731
+        return Prediction(volume=back(pred.volume), std=back(pred.std), slices=pred.slices)
+
+    @torch.inference_mode()
+    def predict_ras(self, data, seed: int) -> Prediction:
+        """The prediction of a case given in RAS axes, in RAS axes."""
+        mask = np.asarray(data.mask, dtype=bool)
+        if not mask.any():
+            raise CaseError(data.id, "mask is empty: nothing to inpaint")
+        vin = self.volume_inputs(data)
+        # Normalised volume: known voxels from the voided image; each member fills the mask.
+        base = vin.imap.normalize(data.voided)
+        members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)
+        planes = self.planes()
+        for k in range(members.shape[0]):
+            # Planes average like ensemble members: each sees the mask across other neighbours.
+            members[k] = np.mean([self.fill_plane(data, vin, seed, k, p) for p in planes], axis=0)
+
+        mean = base.copy()
+        mean[mask] = members.mean(axis=0)
+        mean = smooth_in_mask(mean, mask, self.infer.smoothing_sigma, self.infer.smoothing_border)
+        volume = np.array(data.voided, dtype=np.float32, copy=True)
+        volume[mask] = vin.imap.denormalize(np.clip(mean[mask], 0.0, 1.0))
+        std = None
+        if members.shape[0] > 1:
+            std = np.zeros(mask.shape, dtype=np.float32)
+            std[mask] = members.std(axis=0) * np.float32(vin.imap.hi - vin.imap.lo)
+        return Prediction(volume=volume, std=std, slices=int(mask.any(axis=(0, 1)).sum()))

@@ -1,0 +1,26 @@
+"""What every predictor returns (`Prediction`), the predictor type, and the classical one (the harmonic fill)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from brainpaint.conditioning.harmonic import harmonic_fill
+from brainpaint.io.brats import CaseData
+
+
+@dataclass
+class Prediction:
+    volume: np.ndarray  # float32, input intensity scale, full grid; only voxels in the mask are used
+    std: Optional[np.ndarray] = None  # float32 uncertainty map (ensembles), or None
+    slices: int = 0  # number of slices processed
+
+
+Predictor = Callable[[CaseData, int], Prediction]
+
+
+def harmonic_predictor(data: CaseData, seed: int) -> Prediction:
+    """The classical fill (deterministic; `seed` is unused)."""
+    volume = harmonic_fill(data.voided, data.mask)
+    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()))

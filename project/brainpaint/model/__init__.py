@@ -1,0 +1,1 @@
+"""The network: the U-Net (`unet`), weights files (`weights`, `weights_path`), devices (`devices`)."""

@@ -1,0 +1,1 @@
+"""Training: the trainer, checkpoints, EMA, budget, distributed runs, log, preview, export."""
