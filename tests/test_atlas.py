@@ -166,3 +166,17 @@ def test_an_atlas_of_registered_brains_is_sharper_than_the_box_mean():
         return np.mean([_corr(case_atlas(atlas, t, no_mask, t > 0, "affine"), t, t > 0) for t in tilts])
 
     assert fit(registered) > fit(box_mean) + 0.02 and fit(registered) > 0.95
+
+
+def test_the_atlas_leaves_tumour_brains_out(tmp_path):
+    """Cases with a non-empty mask-unhealthy (tumour brains) add nothing to the atlas."""
+    synth.write_case(tmp_path, "BraTS-SYN-00001-000", seed=1, radius=4, labels=True)
+    synth.write_case(tmp_path, "BraTS-GLI-00002-000", seed=2, radius=4, labels=True)
+    tumour = tmp_path / "BraTS-GLI-00002-000" / "BraTS-GLI-00002-000-mask-unhealthy.nii.gz"
+    synth.save(synth.make_mask(radius=3).astype(np.uint8), tumour)
+    cases = discover_cases(tmp_path, labels=True)[0]
+    said = []
+    both = atlas_from_cases(cases, log=said.append)
+    alone = atlas_from_cases([c for c in cases if c.id.startswith("BraTS-SYN")])
+    np.testing.assert_array_equal(both, alone)
+    assert any("BraTS-GLI-00002-000 holds a tumour" in line for line in said)

@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 from typer.testing import CliRunner
 
 import synth
@@ -208,3 +209,53 @@ def test_placement_is_a_checked_setting_recorded_in_the_manifest(tmp_path):
     )
     assert code == 0
     assert json.loads((tmp_path / "u" / "manifest.json").read_text())["placement"] == "uniform"
+
+
+# --------------------------------------------------------------------------- tumour brains
+def _tumour_brain(folder: Path, name: str, seed: int, lps: bool = True) -> np.ndarray:
+    """`<folder>/<name>/<name>_t1.nii.gz` and `_seg.nii.gz` on the BraTS grid (stored LPS like BraTS)."""
+    brain = np.zeros(GRID, np.float32)
+    brain[60:180, 50:190, 20:130] = 800.0 + 50.0 * np.random.default_rng(seed).random((120, 140, 110))
+    seg = np.zeros(GRID, np.uint8)
+    seg[70:95, 70:100, 40:70] = 2  # an oedema block with a core
+    seg[78:88, 80:90, 50:60] = 4
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) if lps else np.eye(4)
+    (folder / name).mkdir(parents=True)
+    synth.save(brain, folder / name / f"{name}_t1.nii.gz", affine=affine, dtype=np.int16)
+    synth.save(seg, folder / name / f"{name}_seg.nii.gz", affine=affine, dtype=np.uint8)
+    return seg
+
+
+def test_tumour_brains_become_brats_2023_cases(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    seg = _tumour_brain(src, "Brats18_2013_7_1", 0)
+    _tumour_brain(src, "Brats18_TCIA01_9_1", 1)
+    code = prepare.run_prepare(src, out, val_subjects="Brats18_TCIA01_9_1", image_suffix="_t1", lesion_suffix="_seg",
+                               lesion_margin=2, volume_range_cm3=(2.0, 8.0))
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {c["subject"]: c["split"] for c in manifest["cases"]} == {"Brats18_2013_7_1": "train", "Brats18_TCIA01_9_1": "val"}
+    cid = next(c["id"] for c in manifest["cases"] if c["split"] == "train")
+    assert cid.startswith("BraTS-GLI-")  # never clashes with the healthy BraTS-SYN cases
+    read = {role: nib.load(str(out / "train" / cid / f"{cid}-{suffix}")) for role, suffix in (
+        ("t1n", "t1n.nii.gz"), ("voided", "t1n-voided.nii.gz"), ("mask", "mask.nii.gz"),
+        ("healthy", "mask-healthy.nii.gz"), ("unhealthy", "mask-unhealthy.nii.gz"))}
+    # The case keeps the input's grid and its LPS storage.
+    assert nib.aff2axcodes(read["t1n"].affine) == ("L", "P", "S") and read["t1n"].shape == GRID
+    arrays = {role: np.asarray(img.dataobj) for role, img in read.items()}
+    tumour, healthy, union = (arrays[r].astype(bool) for r in ("unhealthy", "healthy", "mask"))
+    np.testing.assert_array_equal(tumour, ndimage.binary_dilation(seg > 0, iterations=2))  # the grown tumour
+    assert healthy.any() and not (healthy & ndimage.binary_dilation(tumour, iterations=2)).any()  # clear of it
+    np.testing.assert_array_equal(union, healthy | tumour)
+    assert not arrays["voided"][union].any()
+    np.testing.assert_array_equal(arrays["voided"][~union], arrays["t1n"][~union])
+
+
+def test_a_tumour_brain_without_its_lesion_file_is_a_one_line_error(tmp_path, capsys):
+    src = tmp_path / "in"
+    _tumour_brain(src, "Brats18_2013_7_1", 0)
+    (src / "Brats18_2013_7_1" / "Brats18_2013_7_1_seg.nii.gz").unlink()
+    code = prepare.run_prepare(src, tmp_path / "out", image_suffix="_t1", lesion_suffix="_seg")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Brats18_2013_7_1_t1.nii.gz" in err[0] and "_seg" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -168,19 +168,26 @@ def prepare(
     placement: Optional[str] = _setting(
         PREPARE, "placement", "Mask centres: 'central' (best brain overlap of 12 candidates) or 'uniform' (any valid position)."
     ),
+    image_suffix: Optional[str] = _setting(PREPARE, "image_suffix", "Input images are the files whose name ends so (e.g. _t1), also one folder down."),
+    lesion_suffix: Optional[str] = _setting(
+        PREPARE, "lesion_suffix", "Tumour brains: the lesion segmentation beside each image, named with this suffix instead (e.g. _seg)."
+    ),
+    lesion_margin: Optional[int] = _setting(PREPARE, "lesion_margin", "Voxels the voided tumour is grown by."),
 ) -> None:
     """Build BraTS-layout training/validation cases with tumour-shaped healthy masks."""
     options = _config(
         parameters_file,
         {
             "prepare.masks_per_subject": masks_per_subject, "prepare.val_subjects": val_subjects,
-            "prepare.seed": seed, "prepare.placement": placement,
+            "prepare.seed": seed, "prepare.placement": placement, "prepare.image_suffix": image_suffix,
+            "prepare.lesion_suffix": lesion_suffix, "prepare.lesion_margin": lesion_margin,
         },
     ).prepare
     raise typer.Exit(
         run_prepare(
             input_path, output_path, masks_per_subject=options.masks_per_subject, val_subjects=options.val_subjects,
-            seed=options.seed, placement=options.placement,
+            seed=options.seed, placement=options.placement, image_suffix=options.image_suffix,
+            lesion_suffix=options.lesion_suffix, lesion_margin=options.lesion_margin,
         )
     )
 

@@ -365,6 +365,12 @@ class PrepareConfig(_Section):
     # Mask centres: "central" (the best brain overlap of 12 candidates, as the BraTS organisers
     # placed theirs) or "uniform" (any valid position: more cortex and insula; masks.py).
     placement: str = setting("central", choices=("central", "uniform"))
+    # Tumour brains (data/prepare.py, "Tumour brains"): the input images are the files whose name
+    # ends in `image_suffix` (directly in the input folder or one folder down), each with its
+    # lesion segmentation beside it, named with `lesion_suffix` instead (BraTS 2018: _t1, _seg).
+    image_suffix: str = ""
+    lesion_suffix: str = ""
+    lesion_margin: int = setting(2, ge=0)  # voxels the voided tumour is grown by
 
 
 SECTIONS = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable
 
+import nibabel as nib
 import numpy as np
 
 from brainpaint.conditioning.atlas import ATLAS_SHAPE, Placement, _sample, brain_box, register, to_canonical
@@ -47,9 +48,11 @@ def build_atlas(volumes: Iterable[np.ndarray], log: Callable[[str], None] = lamb
 
 
 def atlas_from_cases(cases, log: Callable[[str], None] = lambda _: None, fit: str = "box") -> np.ndarray:
-    """`build_atlas` over the ground-truth t1n of labelled cases (`brats_io.Case`), one case per
-    subject: BraTS IDs that differ only in their last number (BraTS-GLI-00001-000, -001, ...)
-    are scans of one brain and count once; any other ID is a subject of its own."""
+    """`build_atlas` over the ground-truth t1n of labelled cases (`io.brats.Case`) of healthy
+    brains, one case per subject: BraTS IDs that differ only in their last number
+    (BraTS-GLI-00001-000, -001, ...) are scans of one brain and count once; any other ID is a
+    subject of its own. Tumour brains (a non-empty mask-unhealthy) are left out: the atlas is
+    where tissue lies in a healthy brain."""
     firsts = {}
     for case in cases:
         subject = re.fullmatch(r"(.*-\d+)-\d+", case.id)
@@ -57,7 +60,16 @@ def atlas_from_cases(cases, log: Callable[[str], None] = lambda _: None, fit: st
 
     def brains():
         for case in firsts.values():
+            if _has_tumour(case):
+                log(f"atlas: {case.id} holds a tumour, left out")
+                continue
             data = load_case(case, labels=True)
             yield to_ras(data.t1n, data.affine)
 
     return build_atlas(brains(), log=log, fit=fit)
+
+
+def _has_tumour(case) -> bool:
+    """Whether a case's mask-unhealthy file (when it has one) marks any voxel."""
+    path = case.files.get("mask_unhealthy")
+    return path is not None and bool(np.asarray(nib.load(str(path)).dataobj).any())

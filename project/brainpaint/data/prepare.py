@@ -32,6 +32,16 @@ the whole stem), a count `N` (the last N subjects in natural order), `none`, or 
 project default: the last seventh of the subjects, which for the 56 shared brains is
 sub-49..sub-56.
 
+**Tumour brains** (`lesion_suffix`, e.g. BraTS 2018's `<ID>/<ID>_t1.nii.gz` beside
+`<ID>/<ID>_seg.nii.gz`: `image_suffix="_t1"`, `lesion_suffix="_seg"`). The image and its lesion
+segmentation must share one grid, the BraTS grid (240x240x155, 1 mm); the case keeps that grid
+and its stored orientation (LPS for BraTS), as the challenge's cases do. The tumour (label > 0,
+grown by `lesion_margin` voxels) is voided and written as `mask-unhealthy`; the
+`masks_per_subject` tumour-shaped healthy masks are placed clear of it (and of its margin) and
+not clipped to the brain, as the organisers' masks can reach past the brain's edge, where the
+truth is background; `mask` is the union, and only `mask-healthy` is ever scored. Their case
+IDs start with `BraTS-GLI`, so tumour and healthy cases can share one training folder.
+
 Each subject's mask seed is derived from (`seed`, subject number), so adding or removing
 other files never changes a subject's masks; `masks.generate_masks(brain, n, seed)[k]`
 reproduces mask `k` from the manifest's `seed`.
@@ -45,6 +55,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import nibabel as nib
 import numpy as np
@@ -62,6 +73,7 @@ TARGET_SHAPE = (240, 240, 155)
 DEFAULT_VOLUME_RANGE_CM3 = (5.0, 200.0)
 DEFAULT_VAL_FRACTION = 1.0 / 7.0
 CASE_PREFIX = "BraTS-SYN"
+TUMOUR_PREFIX = "BraTS-GLI"
 INT16_MAX = 32767
 RESCALED_MAX = 4095.0
 FULL_LAYOUT = ("t1n", "voided", "mask", "mask_healthy", "mask_unhealthy")
@@ -72,6 +84,7 @@ class Subject:
     name: str  # e.g. "sub-49"
     path: Path
     number: int  # used in the case IDs
+    lesion: Optional[Path] = None  # the lesion segmentation of a tumour brain
 
 
 @dataclass
@@ -97,16 +110,27 @@ def _natural_key(text: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def find_subjects(input_dir: Path) -> list[Subject]:
-    """NIfTI files directly in `input_dir` (natural order) with their names and numbers."""
+def _images(input_dir: Path, image_suffix: str) -> list[Path]:
+    """NIfTI files directly in `input_dir` or, with an `image_suffix`, also one folder down,
+    whose stem ends in `image_suffix` (natural order)."""
+    folders = [Path(input_dir)]
+    if image_suffix:
+        folders += sorted(p for p in Path(input_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
     files = [
-        p for p in Path(input_dir).iterdir()
+        p for folder in folders for p in folder.iterdir()
         if not p.name.startswith(".") and p.is_file() and p.name.endswith((".nii", ".nii.gz"))
+        and _stem(p).endswith(image_suffix)
     ]
-    files.sort(key=lambda p: _natural_key(p.name))
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def find_subjects(input_dir: Path, image_suffix: str = "", lesion_suffix: str = "") -> list[Subject]:
+    """The input images (`_images`) with their names and numbers and, with a `lesion_suffix`,
+    their lesion files (PrepareError naming the image when one is missing)."""
+    files = _images(input_dir, image_suffix)
     names = []
     for p in files:
-        stem = _stem(p)
+        stem = _stem(p)[: len(_stem(p)) - len(image_suffix)]
         names.append(stem.split("_")[0] if stem.startswith("sub-") else stem)
     numbers = []
     for name in names:
@@ -115,7 +139,15 @@ def find_subjects(input_dir: Path) -> list[Subject]:
     usable = all(n is not None and n < 100_000 for n in numbers) and len(set(numbers)) == len(numbers)
     if not usable:
         numbers = list(range(1, len(files) + 1))
-    return [Subject(name, path, number) for name, path, number in zip(names, files, numbers)]
+    subjects = [Subject(name, path, number) for name, path, number in zip(names, files, numbers)]
+    for subject in subjects if lesion_suffix else []:
+        stem = _stem(subject.path)
+        ext = subject.path.name[len(stem):]
+        lesion = subject.path.with_name(stem[: len(stem) - len(image_suffix)] + lesion_suffix + ext)
+        if not lesion.is_file():
+            raise PrepareError(subject.path.name, f"no lesion file {lesion.name} beside it")
+        subject.lesion = lesion
+    return subjects
 
 
 def split_subjects(subjects: list[Subject], val_subjects: str) -> set[str]:
@@ -149,8 +181,8 @@ def split_subjects(subjects: list[Subject], val_subjects: str) -> set[str]:
     return chosen
 
 
-def case_id(subject_number: int, mask_index: int) -> str:
-    return f"{CASE_PREFIX}-{subject_number:05d}-{mask_index:03d}"
+def case_id(subject_number: int, mask_index: int, prefix: str = CASE_PREFIX) -> str:
+    return f"{prefix}-{subject_number:05d}-{mask_index:03d}"
 
 
 def subject_seed(seed: int, subject_number: int) -> int:
@@ -243,22 +275,26 @@ def _header() -> nib.Nifti1Header:
 
 
 def write_case(
-    parent: Path, cid: str, t1n: np.ndarray, mask: np.ndarray, affine: np.ndarray, layout=FULL_LAYOUT
+    parent: Path, cid: str, t1n: np.ndarray, mask: np.ndarray, affine: np.ndarray, layout=FULL_LAYOUT,
+    unhealthy: Optional[np.ndarray] = None,
 ) -> Path:
     """Write `<parent>/<cid>/` with the files of `layout`; the folder appears only when complete.
 
-    A previous folder of the same name is replaced (renamed aside, then deleted).
+    `mask` is the healthy mask; an `unhealthy` one (a tumour) is voided too and `mask` is then
+    the union. A previous folder of the same name is replaced (renamed aside, then deleted).
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / cid
-    mask = mask.astype(bool)
+    healthy = mask.astype(bool)
+    unhealthy = np.zeros(healthy.shape, bool) if unhealthy is None else unhealthy.astype(bool)
+    union = healthy | unhealthy
     arrays = {
         "t1n": (t1n, np.int16),
-        "voided": (np.where(mask, 0, t1n), np.int16),
-        "mask": (mask, np.uint8),
-        "mask_healthy": (mask, np.uint8),
-        "mask_unhealthy": (np.zeros(mask.shape, np.uint8), np.uint8),
+        "voided": (np.where(union, 0, t1n), np.int16),
+        "mask": (union, np.uint8),
+        "mask_healthy": (healthy, np.uint8),
+        "mask_unhealthy": (unhealthy, np.uint8),
     }
     with atomic_folder(final) as tmp:
         for role in layout:
@@ -268,25 +304,62 @@ def write_case(
 
 
 # --------------------------------------------------------------------------- one subject
-def prepare_subject(
-    subject: Subject, n_masks: int, seed: int, volume_range_cm3=DEFAULT_VOLUME_RANGE_CM3, placement: str = "central"
-) -> tuple[Conformed, list[maskgen.GeneratedMask], int]:
-    """Load, conform and draw the masks of one subject (raises PrepareError naming the file)."""
-    source = subject.path.name
+def _read(path: Path):
+    """A NIfTI image with its voxels read (PrepareError naming the file when unreadable)."""
     try:
-        img = nib.load(str(subject.path))
+        img = nib.load(str(path))
         img.get_fdata(dtype=np.float32)  # read now so a truncated file fails here
     except Exception as exc:  # nibabel, gzip, zlib and OS errors all mean "unreadable"
-        raise PrepareError(source, f"cannot read NIfTI: {type(exc).__name__}: {exc}") from exc
-    conformed = conform(img, source)
+        raise PrepareError(path.name, f"cannot read NIfTI: {type(exc).__name__}: {exc}") from exc
+    return img
+
+
+def conform_tumour_brain(subject: Subject, margin: int) -> tuple[Conformed, np.ndarray]:
+    """A tumour brain on its own BraTS grid (module doc, "Tumour brains") and its voided tumour."""
+    source = subject.path.name
+    img, seg = _read(subject.path), _read(subject.lesion)
+    if tuple(img.shape) != TARGET_SHAPE:
+        raise PrepareError(source, f"with a lesion file the image must be on the BraTS grid {TARGET_SHAPE}, got {tuple(img.shape)}")
+    if tuple(seg.shape) != tuple(img.shape) or not np.allclose(seg.affine, img.affine, atol=1e-3):
+        raise PrepareError(subject.lesion.name, f"not on the grid of {source}")
+    data = np.clip(np.asarray(img.get_fdata(dtype=np.float32)), 0, None)
+    if not np.isfinite(data).all() or data.max() <= 0:
+        raise PrepareError(source, "image has non-finite voxels or no voxel above 0")
+    scale = RESCALED_MAX / float(data.max()) if (data.max() > INT16_MAX or data.max() < 100) else 1.0
+    t1n = np.rint(data * scale).astype(np.int16)
+    tumour = np.asarray(seg.dataobj) > 0
+    if not tumour.any():
+        raise PrepareError(subject.lesion.name, "the lesion segmentation is empty")
+    if margin:
+        tumour = ndimage.binary_dilation(tumour, iterations=margin)
+    brain = ndimage.binary_fill_holes(t1n > 0) | tumour
+    info = {
+        "source_orientation": "".join(nib.aff2axcodes(img.affine)), "intensity_scale": scale,
+        "brain_volume_cm3": round(float(brain.sum()) / 1000.0, 2), "tumour_volume_cm3": round(float(tumour.sum()) / 1000.0, 2),
+    }
+    return Conformed(t1n=t1n, affine=img.affine, brain=brain, info=info), tumour
+
+
+def prepare_subject(
+    subject: Subject, n_masks: int, seed: int, volume_range_cm3=DEFAULT_VOLUME_RANGE_CM3, placement: str = "central",
+    lesion_margin: int = 2,
+) -> tuple[Conformed, list[maskgen.GeneratedMask], int, Optional[np.ndarray]]:
+    """Load, conform and draw the healthy masks of one subject (raises PrepareError naming the
+    file); the voided tumour of a tumour brain (`subject.lesion`), else None."""
+    tumour = None
+    if subject.lesion is not None:
+        conformed, tumour = conform_tumour_brain(subject, lesion_margin)
+    else:
+        conformed = conform(_read(subject.path), subject.path.name)
     sseed = subject_seed(seed, subject.number)
     try:
         found = maskgen.generate_mask_details(
-            conformed.brain, n_masks, sseed, volume_range_cm3=volume_range_cm3, placement=placement
+            conformed.brain, n_masks, sseed, volume_range_cm3=volume_range_cm3, placement=placement,
+            avoid=tumour, clip_to_brain=tumour is None,
         )
     except maskgen.MaskPlacementError as exc:
-        raise PrepareError(source, f"mask placement failed: {exc}") from exc
-    return conformed, found, sseed
+        raise PrepareError(subject.path.name, f"mask placement failed: {exc}") from exc
+    return conformed, found, sseed, tumour
 
 
 # --------------------------------------------------------------------------- command
@@ -298,6 +371,9 @@ def run_prepare(
     seed: int = 0,
     volume_range_cm3: tuple[float, float] = DEFAULT_VOLUME_RANGE_CM3,
     placement: str = "central",
+    image_suffix: str = "",
+    lesion_suffix: str = "",
+    lesion_margin: int = 2,
 ) -> int:
     """Build the data set (module doc). Returns 0, or 1 if any input failed, 2 for bad arguments.
 
@@ -306,10 +382,11 @@ def run_prepare(
     input_path, output_path = Path(input_path), Path(output_path)
     try:
         options = PrepareConfig(
-            masks_per_subject=masks_per_subject, val_subjects=val_subjects, seed=seed, placement=placement
+            masks_per_subject=masks_per_subject, val_subjects=val_subjects, seed=seed, placement=placement,
+            image_suffix=image_suffix, lesion_suffix=lesion_suffix, lesion_margin=lesion_margin,
         )
         subjects, val = _plan(input_path, options)
-    except ConfigError as exc:
+    except (ConfigError, PrepareError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     output_path.mkdir(parents=True, exist_ok=True)
@@ -330,6 +407,8 @@ def run_prepare(
         "seed": options.seed,
         "masks_per_subject": options.masks_per_subject,
         "placement": options.placement,
+        "lesions": {"image_suffix": options.image_suffix, "lesion_suffix": options.lesion_suffix,
+                    "margin": options.lesion_margin} if options.lesion_suffix else None,
         "volume_range_cm3": list(volume_range_cm3),
         "val_subjects": sorted(val, key=_natural_key),
         "cases": cases,
@@ -349,22 +428,22 @@ def _plan(input_path: Path, options: PrepareConfig) -> tuple[list[Subject], set[
     """The input subjects and the names of the validation ones (ConfigError when unusable)."""
     if not input_path.is_dir():
         raise ConfigError(f"input folder {input_path} does not exist or is not a folder")
-    subjects = find_subjects(input_path)
+    subjects = find_subjects(input_path, options.image_suffix, options.lesion_suffix)
     if not subjects:
-        raise ConfigError(f"no .nii or .nii.gz files in {input_path}")
+        raise ConfigError(f"no .nii or .nii.gz files in {input_path}" + (f" ending in {options.image_suffix}" if options.image_suffix else ""))
     return subjects, split_subjects(subjects, options.val_subjects)
 
 
 def _write_subject(subject: Subject, split: str, output_path: Path, options: PrepareConfig, volume_range_cm3) -> list[dict]:
     """Write the cases of one subject into `output_path/split`; their manifest entries."""
     other = "train" if split == "val" else "val"
-    conformed, found, sseed = prepare_subject(
-        subject, options.masks_per_subject, options.seed, volume_range_cm3, options.placement
+    conformed, found, sseed, tumour = prepare_subject(
+        subject, options.masks_per_subject, options.seed, volume_range_cm3, options.placement, options.lesion_margin
     )
     entries = []
     for k, g in enumerate(found):
-        cid = case_id(subject.number, k)
-        write_case(output_path / split, cid, conformed.t1n, g.mask, conformed.affine)
+        cid = case_id(subject.number, k, CASE_PREFIX if tumour is None else TUMOUR_PREFIX)
+        write_case(output_path / split, cid, conformed.t1n, g.mask, conformed.affine, unhealthy=tumour)
         if (output_path / other / cid).exists():  # left over from a run with another split
             shutil.rmtree(output_path / other / cid)
         entries.append(
@@ -408,7 +487,7 @@ def build_demo(
             if name not in by_name:
                 raise PrepareError(name, f"not found in {source_dir}")
             subject = by_name[name]
-            conformed, found, _ = prepare_subject(subject, 1, seed, volume_range_cm3)
+            conformed, found, _, _ = prepare_subject(subject, 1, seed, volume_range_cm3)
             cid = case_id(subject.number, 0)
             mask = found[0].mask
             write_case(Path(data_dir), cid, conformed.t1n, mask, conformed.affine, layout=FULL_LAYOUT)
