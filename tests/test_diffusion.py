@@ -390,3 +390,23 @@ def test_repaint_noises_the_known_region_with_the_forward_process_whatever_the_t
     for call, i in enumerate(range(4, -1, -1)):  # DDIM with eta 0 draws only the mixing noise
         expected = spaced.q_sample(known, torch.full((2,), i), torch.randn((2, 1, 8, 8), generator=replay))
         torch.testing.assert_close(seen[call][inside], expected[inside], rtol=0, atol=0)
+
+
+def test_pixels_of_weight_zero_add_nothing_to_the_loss():
+    """A voided tumour (weight 0) is never a target: whatever the truth there, the loss is the same."""
+    d = GaussianDiffusion(DiffusionConfig(steps=100, learn_sigma=True))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 1)  # pixelwise: a pixel of weight 0 cannot reach another
+    model = lambda x, t: conv(x)  # noqa: E731
+    cond, noise = torch.rand(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
+    t = torch.tensor([0, 6])
+    weight = torch.ones(2, 1, 8, 8)
+    weight[:, :, 2:5, 2:6] = 0
+    x0 = torch.rand(2, 1, 8, 8)
+    other = x0.clone()
+    other[:, :, 2:5, 2:6] = -3.0
+    losses = [d.training_losses(model, x, cond, t=t, noise=noise, weight=weight) for x in (x0, other)]
+    for key in ("mse", "vb"):
+        assert abs(losses[0][key].item() - losses[1][key].item()) < 1e-5
+    unweighted = d.training_losses(model, other, cond, t=t, noise=noise)
+    assert unweighted["mse"].item() > losses[1]["mse"].item() + 1e-3

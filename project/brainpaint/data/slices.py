@@ -51,6 +51,7 @@ class _Prepared:
 
     vin: VolumeInputs  # b and mask of slices z0 .. z0 + depth
     gt: np.ndarray  # normalised ground truth, same slices
+    known: np.ndarray  # uint8, 0 in a voided tumour (no truth there), same slices
     z0: int
     full_box: Optional[tuple]  # whole-slice box (crop_size None), else None
 
@@ -220,10 +221,11 @@ class SliceDataset(Dataset):
         data = load_case(case, labels=True).in_ras()
         self.decode_count += 1
         t1n = np.asarray(data.t1n, np.float32)
-        if unit.k == 0:
-            mask = np.asarray(data.mask_healthy, bool)
-        else:
-            mask = self._extra_mask(unit.case_index, unit.k, t1n.shape)
+        # A tumour brain's tumour (mask minus mask-healthy) is voided as at inference; its truth
+        # is not healthy tissue, so it is never a target (`_Prepared.known`).
+        tumour = np.asarray(data.mask, bool) & ~np.asarray(data.mask_healthy, bool)
+        healthy = np.asarray(data.mask_healthy, bool) if unit.k == 0 else self._extra_mask(unit.case_index, unit.k, t1n.shape)
+        mask = healthy | tumour
         voided = np.where(mask, np.float32(0), t1n)
         if self.cfg.model.atlas and self.atlas is None:
             raise RuntimeError("model.atlas is set but the data set has no atlas (SliceDataset.atlas)")
@@ -233,7 +235,7 @@ class SliceDataset(Dataset):
         gt = vin.imap.normalize(t1n)
         # The fill and midline are those of the volume; only the slicing turns with the plane.
         vin = vin.in_plane(unit.plane)
-        gt, t1n, mask = (to_plane(a, unit.plane) for a in (gt, t1n, mask))
+        gt, t1n, mask, tumour = (to_plane(a, unit.plane) for a in (gt, t1n, mask, tumour))
 
         full_box = None
         if self.cfg.data.crop_size is None:
@@ -250,7 +252,8 @@ class SliceDataset(Dataset):
             raise CaseError(case.id, "mask-healthy does not match the image grid")
         view = vin.z_range(z0, z1)
         view.mask = view.mask.astype(np.uint8)  # 0/1: bytes keep the cache small
-        return _Prepared(vin=view, gt=np.ascontiguousarray(gt[:, :, z0:z1], dtype=np.float32), z0=z0, full_box=full_box)
+        return _Prepared(vin=view, gt=np.ascontiguousarray(gt[:, :, z0:z1], dtype=np.float32),
+                         known=np.ascontiguousarray(~tumour[:, :, z0:z1], dtype=np.uint8), z0=z0, full_box=full_box)
 
     def _cached_prior(
         self, case_id: str, k: int, voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None
@@ -304,14 +307,18 @@ class SliceDataset(Dataset):
         box = entry.full_box if entry.full_box is not None else self.crop_box(entry.vin.mask[:, :, zl] > 0, draw.jitter)
         cond = self.layout.build(entry.vin, zl, box)
         gt = crop(entry.gt[:, :, zl], box)
+        known = crop(entry.known[:, :, zl], box).astype(np.float32)
         if draw.augmentation is not None:
             cond, gt = draw.augmentation.apply(cond, gt, self.layout)
-        x0 = encode_target(gt, cond[self.layout.index("b")], self.cfg.data.prior)[None]
+        b = cond[self.layout.index("b")]
+        x0 = encode_target(np.where(known > 0, gt, b) if not known.all() else gt, b, self.cfg.data.prior)[None]
+        weight = known[None]
         if draw.flip:  # left-right (first volume axis): brains are roughly symmetric, other flips are not
-            cond, x0 = cond[:, ::-1], x0[:, ::-1]
+            cond, x0, weight = cond[:, ::-1], x0[:, ::-1], weight[:, ::-1]
         return {
             "x0": torch.from_numpy(np.ascontiguousarray(x0, dtype=np.float32)),
             "cond": torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32)),
+            "weight": torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)),
         }
 
     def skip_sample(self, rng: random.Random, augment: Optional[bool] = None) -> None:

@@ -291,10 +291,13 @@ class GaussianDiffusion:
         cond: torch.Tensor,
         t: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
+        weight: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """Hybrid loss for one batch: dict(loss, mse, vb) of scalar batch means.
 
-        ``t`` defaults to `sample_timesteps`, ``noise`` to standard normal noise. ``mse`` is the
+        ``t`` defaults to `sample_timesteps`, ``noise`` to standard normal noise. ``weight``
+        ([B, 1, H, W], default ones) weighs each pixel's terms: 0 where the truth is unknown
+        (a voided tumour, whose healthy tissue nobody has seen). ``mse`` is the
         (weighted) MSE of the prediction type: on eps, x0 or v. Terminal samples (see
         `sample_timesteps`) see x_t = 0, exactly what sampling from temperature 0 feeds the
         network first: their target is what x_t = 0 implies (the noise -alpha / sigma x0), so
@@ -314,22 +317,27 @@ class GaussianDiffusion:
             noise = torch.where(zero, implied, noise)
         out = self._model_output(model, cond, xt, t).float()
         pred, v = self._split_output(out, xt)
-        mse = _mean_flat((self.prediction_target(x0, noise, t) - pred) ** 2) * self.loss_weights(t)
+        weight = torch.ones_like(x0) if weight is None else weight.to(x0.dtype)
+        mse = _mean_flat(weight * (self.prediction_target(x0, noise, t) - pred) ** 2) * self.loss_weights(t)
         if v is not None:
             # Detach the mean: the VB term only shapes the variance (improved DDPM).
             frozen = torch.cat([pred.detach(), v], dim=1)
-            vb = self._vb_bits(frozen, x0, xt, t) * (self.lambda_vlb * self.num_timesteps)
+            vb = self._vb_bits(frozen, x0, xt, t, weight) * (self.lambda_vlb * self.num_timesteps)
         else:
             vb = torch.zeros_like(mse)
         loss = mse + vb
         return {"loss": loss.mean(), "mse": mse.mean(), "vb": vb.mean()}
 
-    def _vb_bits(self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample L_t in bits per dimension: KL for t > 0, Gaussian decoder NLL at t = 0."""
+    def _vb_bits(
+        self, out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, weight: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Per-sample L_t in bits per dimension (pixels weighed by `weight`, default ones): KL for
+        t > 0, Gaussian decoder NLL at t = 0."""
+        weight = torch.ones_like(x0) if weight is None else weight
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
         pred = self.p_mean_variance_from_output(out, xt, t, clip_denoised=False)
-        kl = _mean_flat(normal_kl(true_mean, true_log_var, pred["mean"], pred["log_variance"])) / math.log(2.0)
-        nll = _mean_flat(gaussian_nll(x0, pred["mean"], pred["log_variance"])) / math.log(2.0)
+        kl = _mean_flat(weight * normal_kl(true_mean, true_log_var, pred["mean"], pred["log_variance"])) / math.log(2.0)
+        nll = _mean_flat(weight * gaussian_nll(x0, pred["mean"], pred["log_variance"])) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     # ------------------------------------------------------------------ sampling

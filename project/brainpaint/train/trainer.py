@@ -171,6 +171,7 @@ class Trainer:
         tc = self.tc
         x0 = batch["x0"].to(self.device, non_blocking=True)
         cond = batch["cond"].to(self.device, non_blocking=True)
+        weight = batch["weight"].to(self.device, non_blocking=True)
         if tc.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
             cond = cond.contiguous(memory_format=torch.channels_last)
@@ -178,7 +179,7 @@ class Trainer:
         self.budget.set_lr(self.optimizer, self.step)
         amp = self.device.type == "cuda" and tc.bf16
         with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            terms = self.diffusion.training_losses(self.model, x0, cond)
+            terms = self.diffusion.training_losses(self.model, x0, cond, weight=weight)
         loss = terms["loss"].float().mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
