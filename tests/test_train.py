@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import synth
 from brainpaint.data.atlas_build import atlas_from_cases
 from brainpaint.io.brats import discover_cases
-from brainpaint.config.settings import Config
+from brainpaint.config.settings import Config, model_config_yaml
 from brainpaint.data.slices import SliceDataset
 from brainpaint.data.stream import TrainStream
 from brainpaint.diffusion.process import GaussianDiffusion
@@ -441,15 +441,48 @@ def test_a_resumed_run_keeps_its_atlas_even_when_the_training_brains_change(tmp_
     assert not torch.equal(load_file(str(fresh / "model.safetensors"))["atlas"], before)
 
 
-def test_shipped_training_configs_load_and_the_budget_arms_differ_only_in_context():
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
-    assert configs, "no training configurations in configs/"
-    loaded = {p.stem: Config.load(p).to_dict() for p in configs}  # raises on unknown keys
-    flat, wide = loaded["budget_2d"], loaded["budget_25d"]
-    assert (flat["model"]["context_slices"], wide["model"]["context_slices"]) == (0, 1)
-    wide["model"]["context_slices"] = 0
-    assert wide == flat
-    assert (ROOT / flat["train"]["init_weights"]).is_file()
+# Every recipe in configs/ starts a run on the two tiny synthetic cases, changed only where a
+# real-size run would take minutes there: a 32-px crop (or 64-px whole slices) instead of the
+# recipe's size and 16 base channels for the wider networks, unless the recipe starts from
+# weights (whose network and crop size it keeps; the shipped weights stand in for a start file
+# that only a training run makes); no loader workers and a cache folder of the test's own.
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+SHIPPED_WEIGHTS = ROOT / "workspace" / "additional_files" / "model.safetensors"
+
+
+def _tiny_run(cfg: Config, tmp_path: Path) -> dict:
+    from brainpaint.config.presets import resolve_architecture
+
+    changes = {"train.max_steps": 1, "train.device": "cpu", "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache")}
+    init = cfg.train.init_weights
+    if init is not None:  # the network and crop size of its start weights stay
+        changes["train.init_weights"] = str(ROOT / init if (ROOT / init).is_file() else SHIPPED_WEIGHTS)
+        return changes
+    if cfg.data.crop_size is not None:
+        changes["data.crop_size"] = 32
+    else:
+        changes["data.slice_size"] = 64
+    if resolve_architecture(cfg.model)["base_channels"] > 16:
+        changes["model.base_channels"] = 16
+    return changes
+
+
+def test_configs_holds_the_recipes_the_docs_name_and_nothing_else():
+    assert [p.name for p in RECIPES] == ["demo_small.yaml", "gpu_wide.yaml", "paper.yaml", "shipped.yaml", "tumour.yaml"]
+    assert not [p for p in (ROOT / "configs").rglob("*") if p.is_dir()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_in_configs_starts_a_run(tmp_path, data, recipe):
+    cfg = Config.load(recipe)
+    changes = _tiny_run(cfg, tmp_path)
+    out = tmp_path / "run"
+    assert run_train(cfg.override(changes), data, out) == 0
+    assert list_checkpoints(out) and (out / "model.safetensors").is_file()
+    # the weights describe the recipe with those changes
+    meta = yaml.safe_load(safe_open(str(out / "model.safetensors"), "pt").metadata()["config"])
+    assert meta == yaml.safe_load(model_config_yaml(cfg.override(changes)))
 
 
 # --------------------------------------------------------------------------- kill, resume, SIGTERM

@@ -10,7 +10,7 @@ wrong. Unknown sections and keys are errors too, so a typo never passes silently
 the package reads settings as they are: an `int` setting is an int.
 
 A file may start from another with a top-level `extends: <file>` and list only what it changes
-(`configs/x0_mirror_ft.yaml` extends `configs/x0_mirror.yaml`).
+(`configs/tumour.yaml` extends `configs/shipped.yaml`).
 
 `Config.explicit` holds the `section.key` names that a file or an override set, so a consumer
 can tell a chosen value from a default (inference warns when the weights file overrides one).
