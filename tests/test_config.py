@@ -30,8 +30,8 @@ def test_yaml_values_are_coerced_to_the_declared_types(tmp_path):
     [
         ("infer", {"steps": 0}, "infer.steps must be >= 1, got 0"),
         ("infer", {"steps": 2.5}, "infer.steps must be an integer, got 2.5"),
-        ("infer", {"repaint": "yes"}, "infer.repaint must be true or false, got 'yes'"),
-        ("infer", {"noise_correlation": 2}, r"infer.noise_correlation must be in \[0, 1\], got 2.0"),
+        ("infer", {"repaint": True}, "infer.repaint was retired: only false is still accepted, got True"),
+        ("infer", {"noise_correlation": 0.5}, "infer.noise_correlation was retired: only 0.0 is still accepted, got 0.5"),
         ("infer", {"method": "magic"}, "unknown infer.method 'magic' \\(expected one of diffusion, harmonic\\)"),
         ("infer", {"device": "gpu0"}, "infer.device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
         ("infer", {"seed": None}, "infer.seed must be set"),
@@ -62,6 +62,17 @@ def test_sections_built_in_code_are_checked_too():
         Config.from_dict({"inference": {}})
 
 
+def test_retired_settings_load_when_they_ask_for_what_every_run_does(tmp_path):
+    """The parameters.yaml of an earlier run (and a weights file's metadata) may still hold a
+    retired setting: with the value every run now has it is dropped, with another it is an error."""
+    path = tmp_path / "old_run_parameters.yaml"
+    path.write_text("infer:\n  repaint: false\n  noise_correlation: 0\n  steps: 2\n")
+    cfg = Config.load(path)
+    assert cfg.to_dict() == Config.from_dict({"infer": {"steps": 2}}).to_dict() and cfg.explicit == {"infer.steps"}
+    with pytest.raises(ConfigError, match="infer.repaint was retired: only false is still accepted, got 0"):
+        Config.from_dict({"infer": {"repaint": 0}})
+
+
 def test_override_is_validated_and_marked_explicit():
     cfg = Config.from_dict({"infer": {"steps": 4}})
     done = cfg.override({"infer.ensemble": 3})
@@ -83,7 +94,7 @@ def test_the_built_in_infer_settings_are_the_shipped_sampler():
     infer = InferConfig()
     assert (infer.method, infer.sampler, infer.steps, infer.eta, infer.tile) == ("diffusion", "ddim", 1, 0.0, True)
     assert (infer.temperature, infer.ensemble, infer.smoothing_sigma) == (0.0, 1, 0.0)
-    assert (infer.noise_correlation, infer.batch_slices, infer.device, infer.seed) == (0.0, 8, "auto", 0)
+    assert (infer.batch_slices, infer.device, infer.seed) == (8, "auto", 0)
 
 
 def test_the_shipped_parameters_file_overrides_nothing():

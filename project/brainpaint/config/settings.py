@@ -45,6 +45,13 @@ PLANE_SETS = ("axial", "coronal", "axial+coronal")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Sections that describe what a weights file computes (recorded in its metadata).
 MODEL_SECTIONS = ("model", "diffusion", "data")
+# Retired settings, each with the values that every run now has. Weights files and the
+# parameters.yaml of earlier runs still hold them; with one of these values a key is dropped
+# when read (it asks for what happens anyway), with any other it is an error that names it.
+RETIRED = {
+    "infer.repaint": (False,),  # RePaint-style known-region mixing of x_t (eps-era samplers)
+    "infer.noise_correlation": (0.0,),  # sampling noise shared across slices (the eps-era stripe study)
+}
 
 
 def setting(default: Any = None, *, ge=None, gt=None, le=None, choices=None):
@@ -330,8 +337,6 @@ class InferConfig(_Section):
     # Slice planes filled and averaged: "axial", "coronal" or "axial+coronal"; None = the
     # planes the weights were trained on (their `data.planes`).
     planes: Optional[str] = setting(None, choices=PLANE_SETS)
-    repaint: bool = False  # RePaint-style known-region x_t mixing during sampling
-    noise_correlation: float = setting(0.0, ge=0, le=1)  # share of noise shared across neighbouring slices
     # Scale of the sampler's noise. 0 starts the deterministic DDIM path at x_T = 0: one fill near
     # the conditional mean, which the challenge metrics reward; 1 draws samples (ensembles, std maps).
     temperature: float = setting(0.0, ge=0)
@@ -408,6 +413,7 @@ class Config:
                 continue
             if not isinstance(values, dict):
                 raise ConfigError(f"section '{section}' must be a mapping")
+            values = _drop_retired(section, values)
             known = {f.name for f in dataclasses.fields(SECTIONS[section])}
             for key in values:
                 if key not in known:
@@ -444,6 +450,19 @@ class Config:
         cfg = Config.from_dict(data)
         cfg.explicit = self.explicit | frozenset(dotted)
         return cfg
+
+
+def _drop_retired(section: str, values: dict) -> dict:
+    """`values` without the retired keys (`RETIRED`) that hold a value every run now has."""
+    out = {}
+    for key, value in values.items():
+        kept = RETIRED.get(f"{section}.{key}")
+        if kept is None:
+            out[key] = value
+        elif not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in kept):
+            shown = " or ".join("null" if v is None else yaml.safe_dump(v).split("\n")[0] for v in kept)
+            raise ConfigError(f"{section}.{key} was retired: only {shown} is still accepted, got {value!r}")
+    return out
 
 
 EXTENDS = "extends"

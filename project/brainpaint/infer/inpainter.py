@@ -36,7 +36,7 @@ from brainpaint.conditioning import geometry
 from brainpaint.conditioning.geometry import PLANE_AXES, plane_names, to_plane
 from brainpaint.conditioning.inputs import PriorCache, VolumeInputs, volume_inputs
 from brainpaint.conditioning.layout import InputLayout
-from brainpaint.conditioning.target import clip_bound, decode_sample, encode_target
+from brainpaint.conditioning.target import clip_bound, decode_sample
 from brainpaint.config.presets import size_multiple
 from brainpaint.config.settings import MODEL_SECTIONS, Config
 from brainpaint.diffusion.noise import SliceNoise
@@ -174,37 +174,30 @@ class DiffusionInpainter:
         n = cond.shape[0]
         keys = keys if keys is not None else [(i,) for i in range(n)]
         batch = inf.batch_slices or n
-        noise = SliceNoise(seed, member, inf.noise_correlation, self.device)
+        noise = SliceNoise(seed, member, self.device)
         prior = self.data_cfg.prior
         out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
         for start in range(0, n, batch):
             chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(self.device)
-            known = known_mask = None
-            if inf.repaint:
-                b, m = chunk[:, 0:1], chunk[:, 1:2]
-                known = encode_target(b, b, prior)
-                known_mask = 1.0 - m
-            draw = lambda c, k, m, noise_fn: self.diffusion.sample(  # noqa: E731
+            draw = lambda c, noise_fn: self.diffusion.sample(  # noqa: E731
                 self.model,
                 c,
                 sampler=inf.sampler,
                 steps=inf.steps,
                 eta=inf.eta,
                 noise_fn=noise_fn,
-                known=k,
-                known_mask=m,
                 clip_denoised=clip_bound(prior),
                 autocast=self._autocast_dtype(),
                 temperature=inf.temperature,
             )
             chunk_keys = keys[start : start + batch]
-            x0 = draw(chunk, known, known_mask, noise.for_slices(chunk_keys))
+            x0 = draw(chunk, noise.for_slices(chunk_keys))
             if inf.flip_average:
                 # The mirrored slices (first in-plane axis) with the mirrored noise, mirrored back:
                 # a network that were exactly mirror-symmetric would give the same draw twice.
-                turn = lambda t: None if t is None else t.flip(-2)  # noqa: E731
+                turn = lambda t: t.flip(-2)  # noqa: E731
                 mirrored = noise.for_slices(chunk_keys)
-                x0m = draw(turn(chunk), turn(known), turn(known_mask), lambda shape, g=None: turn(mirrored(shape, g)))
+                x0m = draw(turn(chunk), lambda shape, g=None: turn(mirrored(shape, g)))
                 x0 = 0.5 * (x0 + turn(x0m))
             out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
         return out
