@@ -71,6 +71,12 @@ def test_retired_settings_load_when_they_ask_for_what_every_run_does(tmp_path):
     assert cfg.to_dict() == Config.from_dict({"infer": {"steps": 2}}).to_dict() and cfg.explicit == {"infer.steps"}
     with pytest.raises(ConfigError, match="infer.repaint was retired: only false is still accepted, got 0"):
         Config.from_dict({"infer": {"repaint": 0}})
+    assert Config.from_dict({"data": {"planes": "axial"}, "infer": {"planes": None}}).explicit == frozenset()
+    assert Config.from_dict({"infer": {"planes": "axial"}}).to_dict() == Config().to_dict()
+    with pytest.raises(ConfigError, match="data.planes was retired: only axial is still accepted, got 'axial\\+coronal'"):
+        Config.from_dict({"data": {"planes": "axial+coronal"}})
+    with pytest.raises(ConfigError, match="infer.planes was retired: only null or axial is still accepted, got 'coronal'"):
+        Config.from_dict({"infer": {"planes": "coronal"}})
 
 
 def test_override_is_validated_and_marked_explicit():
@@ -164,6 +170,9 @@ def test_the_shipped_weights_compute_what_the_shipped_recipe_describes():
     saved = yaml.safe_load(read_metadata(repo / "workspace" / "additional_files" / "model.safetensors")["config"])
     recipe = Config.load(repo / "configs" / "shipped.yaml")
     expected = yaml.safe_load(model_config_yaml(recipe))
+    # Settings retired since the weights were exported stay in their metadata with the value
+    # every run now has (`config.settings.RETIRED`); loading drops them.
+    assert saved["data"].pop("planes") == "axial"
     # Settings added after the weights were exported are absent from their metadata; loading
     # gives them their defaults, which must be what the recipe says.
     newer = [(s, k) for s in expected for k in expected[s] if k not in (saved.get(s) or {})]

@@ -333,34 +333,6 @@ def test_parameters_overridden_by_the_weights_are_named_in_one_warning(tmp_path,
     assert "warning:" not in capsys.readouterr().err
 
 
-def test_coronal_fill_is_the_axial_fill_of_the_turned_volume_and_both_planes_average(tmp_path, case_data):
-    weights = write_weights(tmp_path / "x0.safetensors", crop_size=16, prior="harmonic", context_slices=1,
-                            prediction="x0")
-    run = lambda data, planes: make(weights, temperature=0.0, steps=1, planes=planes)(data, seed=0).volume  # noqa: E731
-    case_data = case_data.in_ras()  # turned below as the network sees it
-    mask = case_data.mask
-    axial, coronal, both = (run(case_data, p) for p in ("axial", "coronal", "axial+coronal"))
-    for volume in (axial, coronal, both):
-        np.testing.assert_array_equal(volume[~mask], case_data.voided[~mask])
-    assert np.abs(axial[mask] - coronal[mask]).max() > 1.0
-
-    turn = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1))  # noqa: E731
-    turned = dataclasses.replace(case_data, voided=turn(case_data.voided), mask=turn(mask))
-    np.testing.assert_allclose(coronal, turn(run(turned, "axial")), atol=1e-3)
-    np.testing.assert_allclose(both[mask], (axial[mask] + coronal[mask]) / 2, atol=1e-3)
-
-
-def test_planes_default_to_those_the_weights_were_trained_on(tmp_path, case_data):
-    weights = write_weights(tmp_path / "p.safetensors", crop_size=16, prior="harmonic", prediction="x0",
-                            planes="axial+coronal")
-    run = lambda **infer: make(weights, temperature=0.0, steps=1, **infer)(case_data, seed=0).volume  # noqa: E731
-    assert make(weights).planes() == ["axial", "coronal"]
-    np.testing.assert_array_equal(run(), run(planes="axial+coronal"))
-    assert not np.array_equal(run(), run(planes="axial"))
-    with pytest.raises(ConfigError, match="unknown infer.planes 'sagittal'"):
-        make(weights, planes="sagittal")
-
-
 def test_weights_with_the_atlas_channel_fill_from_the_atlas_they_carry(tmp_path, case_data):
     brain = synth.make_brain(seed=3)
     atlas = build_atlas([brain])

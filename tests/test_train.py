@@ -313,14 +313,6 @@ def test_init_weights_warm_starts_model_and_ema_at_step_zero(tmp_path, data, cap
     assert any(not torch.equal(moved[k], exported[k]) for k in exported)
 
 
-def test_axial_weights_warm_start_a_run_on_axial_and_coronal_slices(tmp_path, data):
-    first = tmp_path / "first"
-    assert run_train(_cfg(train={"max_steps": 1}), data, first) == 0
-    both = _cfg(data={"planes": "axial+coronal"}, train={"max_steps": 2, "init_weights": str(first / "model.safetensors")})
-    assert run_train(both, data, tmp_path / "second") == 0
-    assert weights_config(tmp_path / "second" / "model.safetensors").data.planes == "axial+coronal"
-
-
 def test_init_weights_of_another_network_is_refused(tmp_path, data, capsys):
     first = tmp_path / "first"
     assert run_train(_cfg(train={"max_steps": 1}), data, first) == 0

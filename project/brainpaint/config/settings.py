@@ -40,8 +40,6 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 METHODS = ("diffusion", "harmonic")
 # The samplers of `diffusion.samplers` (tests/test_layers.py checks that the names match).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm2m")
-# Slice planes a network is trained on and fills in (`geometry.PLANE_AXES`), "+"-joined.
-PLANE_SETS = ("axial", "coronal", "axial+coronal")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Sections that describe what a weights file computes (recorded in its metadata).
 MODEL_SECTIONS = ("model", "diffusion", "data")
@@ -51,6 +49,10 @@ MODEL_SECTIONS = ("model", "diffusion", "data")
 RETIRED = {
     "infer.repaint": (False,),  # RePaint-style known-region mixing of x_t (eps-era samplers)
     "infer.noise_correlation": (0.0,),  # sampling noise shared across slices (the eps-era stripe study)
+    # Coronal slices as well as axial ones, in training and inference: every weights file up to
+    # the shipped one records `data.planes: axial`, which loads; a network is axial-only now.
+    "data.planes": ("axial",),
+    "infer.planes": (None, "axial"),
 }
 
 
@@ -263,8 +265,6 @@ class DataConfig(_Section):
     # the amplitude of a smooth random multiplicative (bias) field; 0 disables either.
     gamma_aug: float = setting(0.0, ge=0)
     bias_aug: float = setting(0.0, ge=0)
-    # Slice planes of the training pairs: "axial" (the paper), "coronal", or both.
-    planes: str = setting("axial", choices=PLANE_SETS)
     num_workers: int = setting(0, ge=0)
     cache_volumes: int = setting(16, ge=1)  # decoded volumes kept per loader worker
     # Folder for the harmonic fills and midlines of training volumes, computed once and reused
@@ -334,9 +334,6 @@ class InferConfig(_Section):
     smoothing_sigma: float = setting(0.0, ge=0)
     # Voxels of known tissue around the mask that the post-filter reads (None = all of it; smoothing.py).
     smoothing_border: Optional[int] = setting(None, ge=0)
-    # Slice planes filled and averaged: "axial", "coronal" or "axial+coronal"; None = the
-    # planes the weights were trained on (their `data.planes`).
-    planes: Optional[str] = setting(None, choices=PLANE_SETS)
     # Scale of the sampler's noise. 0 starts the deterministic DDIM path at x_T = 0: one fill near
     # the conditional mean, which the challenge metrics reward; 1 draws samples (ensembles, std maps).
     temperature: float = setting(0.0, ge=0)
