@@ -178,6 +178,7 @@ def test_fixed_variance_has_no_vb_term_and_checks_channels():
         d.training_losses(lambda x, t: torch.zeros(2, 2, 4, 4), torch.zeros(2, 1, 4, 4), torch.zeros(2, 2, 4, 4))
 
 
+@pytest.mark.slow
 def test_hybrid_loss_decreases_when_overfitting_one_image():
     torch.manual_seed(0)
     d = _diffusion()

@@ -55,6 +55,7 @@ def make(weights, **infer):
     return DiffusionInpainter(Config.from_dict({"infer": base}))
 
 
+@pytest.mark.slow
 def test_prediction_geometry_and_known_voxels(weights, case_data):
     pred = make(weights)(case_data, seed=5)
     mask = case_data.mask
@@ -68,6 +69,7 @@ def test_prediction_geometry_and_known_voxels(weights, case_data):
     assert pred.std is None
 
 
+@pytest.mark.slow
 def test_seed_determinism(weights, case_data):
     inpainter = make(weights, sampler="ddpm", steps=4)
     a = inpainter(case_data, seed=11).volume
@@ -77,6 +79,7 @@ def test_seed_determinism(weights, case_data):
     assert not np.array_equal(a[case_data.mask], c[case_data.mask])
 
 
+@pytest.mark.slow
 def test_ensemble_mean_and_std(weights, case_data):
     single = make(weights, smoothing_sigma=0)(case_data, seed=3)
     pred = make(weights, ensemble=3, smoothing_sigma=0)(case_data, seed=3)
@@ -115,6 +118,7 @@ def test_ensemble_is_the_mean_of_its_members_and_its_std_their_spread(weights, c
     np.testing.assert_allclose(pred.std[mask], members.std(axis=0) * (vin.imap.hi - vin.imap.lo), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_temperature_zero_is_one_deterministic_fill_whatever_the_seed(weights, case_data):
     cold = make(weights, temperature=0.0)
     a, b = cold(case_data, seed=1).volume, cold(case_data, seed=2).volume
@@ -125,6 +129,7 @@ def test_temperature_zero_is_one_deterministic_fill_whatever_the_seed(weights, c
         make(weights, temperature=-1.0)
 
 
+@pytest.mark.slow
 def test_batching_does_not_change_independent_slices(weights, case_data):
     one_batch = make(weights, batch_slices=0)(case_data, seed=2).volume
     per_slice = make(weights, batch_slices=1)(case_data, seed=2).volume
@@ -236,6 +241,7 @@ def test_smoothing_border_is_how_much_known_tissue_the_filter_reads():
     np.testing.assert_allclose(fills[12][mask], fills[None][mask], rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_smoothing_border_changes_the_fill_of_a_case(weights, case_data):
     fills = {b: make(weights, smoothing_sigma=1.075, smoothing_border=b)(case_data, seed=4).volume for b in (0, 1, 2, 5)}
     mask = case_data.mask
@@ -264,6 +270,7 @@ def test_setup_errors(tmp_path, monkeypatch):
         DiffusionInpainter(Config.from_dict({"infer": {"weights": str(garbage), "device": "cpu"}}))
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_report(tmp_path, weights):
     from brainpaint.cli import app
 
@@ -292,6 +299,7 @@ def test_cli_end_to_end_with_report(tmp_path, weights):
         assert (reports / f"{cid}-std.nii.gz").is_file()
 
 
+@pytest.mark.slow
 def test_cli_temperature_and_sampler_options(tmp_path, weights):
     from brainpaint.cli import app
 
@@ -333,6 +341,7 @@ def test_parameters_overridden_by_the_weights_are_named_in_one_warning(tmp_path,
     assert "warning:" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_weights_with_the_atlas_channel_fill_from_the_atlas_they_carry(tmp_path, case_data):
     brain = synth.make_brain(seed=3)
     atlas = build_atlas([brain])
@@ -377,6 +386,7 @@ def test_a_case_fills_the_same_whichever_way_round_it_is_stored(tmp_path, case_d
     assert not np.array_equal(seen[0], first(case_data))
 
 
+@pytest.mark.slow
 def test_flip_average_is_the_mean_of_the_fill_and_the_mirrored_fill(tmp_path, case_data):
     w = write_weights(tmp_path / "w.safetensors", crop_size=16, prior="harmonic", prediction="x0", seed=6)
     plain, both = (make(w, temperature=0.0, steps=1, flip_average=f) for f in (False, True))
@@ -391,6 +401,7 @@ def test_flip_average_is_the_mean_of_the_fill_and_the_mirrored_fill(tmp_path, ca
     assert not np.array_equal(filled[mask], plain(case_data, seed=0).volume[mask])
 
 
+@pytest.mark.slow
 def test_weights_of_the_affine_fit_register_their_atlas_onto_each_case(tmp_path):
     shape = (60, 72, 60)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))

@@ -238,6 +238,7 @@ def test_tiled_inference_runs_windows_of_the_training_size_and_keeps_known_voxel
     assert np.isfinite(pred.volume).all()
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_output_at_temperature_one(tmp_path):
     w = write_weights(tmp_path / "w.safetensors", crop_size=16, prediction="x0")
     synth.write_case(tmp_path / "d", "c", seed=2, radius=5)
@@ -328,6 +329,7 @@ def test_lr_schedules_follow_the_budget():
     assert Budget(TrainConfig(max_cpu_minutes=1.0), cpu_before=61.0).cpu_spent()
 
 
+@pytest.mark.slow
 def test_cpu_budget_stops_the_run_keeps_its_total_across_resumes_and_exports_a_curve(tmp_path):
     data = tmp_path / "data"
     synth.write_case(data, "a", seed=0, radius=4)

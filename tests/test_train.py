@@ -74,6 +74,7 @@ def data(tmp_path):
 
 
 # --------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_overfits_one_case_and_exports_weights_that_learned(tmp_path):
     root = tmp_path / "one"
     synth.write_case(root, "only", seed=0, radius=4)
@@ -379,6 +380,7 @@ def test_init_weights_deepens_the_middle_of_a_network_computing_the_same_functio
     assert "was trained with model.extra_middle_blocks=2, the parameters say 0; a network cannot drop middle blocks" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_init_weights_adds_the_atlas_channel_computing_the_same_function_and_builds_the_atlas(tmp_path, data, capsys):
     cfg_atlas, w0, w1 = _grown(tmp_path, data, atlas=True)
     assert w1["input_blocks.0.0.weight"].shape[1] == 4 and w0["input_blocks.0.0.weight"].shape[1] == 3
@@ -420,6 +422,7 @@ def test_weights_start_a_run_with_another_atlas_gain_but_a_run_resumes_only_with
     assert "was trained with data.atlas_gain=0.5, the parameters say 0.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_atlas_even_when_the_training_brains_change(tmp_path, data):
     out = tmp_path / "run"
     assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 2}), data, out) == 0
@@ -496,6 +499,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_at_the_checkpoint(tmp_path, data):
     out = tmp_path / "out"
     params = tmp_path / "params.yaml"
@@ -527,6 +531,7 @@ def test_sigkill_then_resume_continues_at_the_checkpoint(tmp_path, data):
     assert not np.allclose(load_file(str(out / "model.safetensors"))["out.2.weight"], ema_k["out.2.weight"])
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exports(tmp_path, data):
     out = tmp_path / "out"
     params = tmp_path / "params.yaml"
@@ -543,6 +548,7 @@ def test_sigterm_writes_a_checkpoint_and_exports(tmp_path, data):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_still_checkpoints(tmp_path, data):
     # Schedulers signal every process of the job, loader workers included.
     out = tmp_path / "out"
@@ -559,6 +565,7 @@ def test_sigterm_to_the_whole_process_group_still_checkpoints(tmp_path, data):
 
 
 # --------------------------------------------------------------------------- DDP
+@pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
     root = tmp_path / "data"
     for i in range(4):  # enough cases for each rank to get its own
@@ -592,6 +599,7 @@ def _assert_same_tensors(a: dict, b: dict) -> None:
             assert torch.equal(a[name][key], b[name][key]), (name, key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, data, workers):
     # Crops with jitter and flips: the data stream draws augmentation randomness every sample.
@@ -667,6 +675,7 @@ def _four_cases(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_ddp_resume_restores_every_rank_and_continues_the_uninterrupted_run(tmp_path):
     root = _four_cases(tmp_path)
     runs = {}
@@ -681,6 +690,7 @@ def test_ddp_resume_restores_every_rank_and_continues_the_uninterrupted_run(tmp_
     _assert_same_tensors(runs["parts"], runs["whole"])
 
 
+@pytest.mark.slow
 def test_ddp_export_failure_on_rank_0_stops_every_rank_with_a_message(tmp_path):
     root = _four_cases(tmp_path)
     out = tmp_path / "out"
@@ -694,6 +704,7 @@ def test_ddp_export_failure_on_rank_0_stops_every_rank_with_a_message(tmp_path):
     assert "error: rank 0 could not" in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_weights_of_the_box_fit_start_an_affine_fit_run_with_an_atlas_of_registered_brains(tmp_path, data, capsys):
     box = tmp_path / "box"
     assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 1}), data, box) == 0
