@@ -18,7 +18,6 @@ blends them where they overlap.
 
 `midline_shift` and `mirror_x` reflect a volume left-right about its own midline, so the
 network can look at the other hemisphere.
-
 """
 from __future__ import annotations
 

@@ -112,9 +112,10 @@ class SliceDataset(Dataset):
 
     Cases are used in RAS axes (`CaseData.in_ras`), the frame inference gives the network.
     A pair is (case, mask k, z) for every axial slice z (the RAS volume's last axis) where the
-    mask is non-empty; mask 0 is the case's mask-healthy, masks 1..n are `data.extra_masks_per_volume` generated
-    healthy masks (`masks.generate_masks`, sized in cm³ with the case's voxel spacing; a brain
-    with no room for them keeps its mask-healthy alone, with a warning).
+    mask is non-empty; mask 0 is the case's mask-healthy, masks 1..n are
+    `data.extra_masks_per_volume` generated healthy masks (`masks.generate_masks`, sized in cm³
+    with the case's voxel spacing; a brain with no room for them keeps its mask-healthy alone,
+    with a warning).
     Cases that cannot be used are collected in `.errors` (one-line CaseErrors) and skipped.
 
     Decoded units live in an LRU cache of `data.cache_volumes` entries per process/worker;

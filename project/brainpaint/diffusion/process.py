@@ -358,8 +358,8 @@ class GaussianDiffusion:
           respaced timesteps.
         - ``generator``: makes the draw reproducible; noise is drawn on the generator's device
           and moved to ``cond``'s device, so a CPU generator gives the same noise everywhere.
-        - ``noise_fn(shape, generator)``: replaces the standard normal draws (e.g. noise
-          correlated along the batch axis = neighbouring slices).
+        - ``noise_fn(shape, generator)``: replaces the standard normal draws (e.g. one
+          stream per slice, ``noise.SliceNoise``).
         - ``clip_denoised``: clamp the predicted x_0 to [-1, 1] (or to +-value for a float).
         - ``autocast``: dtype for the network under autocast (e.g. torch.bfloat16 on CUDA);
           the diffusion arithmetic stays float32.
