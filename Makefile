@@ -1,9 +1,10 @@
-# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Two entry points for a fresh machine (see README): `make demo` and `make test`; `make test-fast`
+# runs the quick tier of the tests.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test smoke install-check clean
+.PHONY: setup demo test test-fast smoke install-check clean
 
 $(BIN)/brainpaint: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The quick tier: every test not marked slow (training runs, subprocesses, DDP, containers'
+# calls, long inference) or docker; under a minute on 2 CPU cores. `make test` runs them all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not docker"
 
 # Real container: private dockerd, debootstrap base image, mlcube infer/evaluate (see the MLCube section of README.md).
 smoke: setup

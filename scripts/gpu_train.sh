@@ -15,7 +15,10 @@
 # every packed subject is there, measures the seconds per
 # step with a short run, sets train.max_steps so that the learning-rate schedule ends inside
 # MINUTES, trains, and copies the exported weights, the training log and the run's parameters
-# to $OUT (the device tool brings $OUT back). Score the weights here with
+# to $OUT (the device tool brings $OUT back). A recipe with the atlas (configs/gpu_wide.yaml)
+# builds it from the prepared brains before its first step, in the timing run and again in the
+# run (one registration per subject, about 2 CPU seconds each; MINUTES counts only the steps),
+# so leave the call that much room beyond MINUTES. Score the weights here with
 # `python benchmarks/validation_table.py --weights <files_at>/model.safetensors`.
 #
 # Environment: DEVICE (default cuda; cpu for a dry run here), BUNDLE (default .gpu), KEEP (default

@@ -88,7 +88,7 @@ def load_benchmark(name: str):
 
 
 def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "none", context_slices: int = 0,
-                 seed: int = 0, mirror: bool = False, prediction: str = "eps", planes: str = "axial",
+                 seed: int = 0, mirror: bool = False, prediction: str = "eps",
                  atlas=None, atlas_fit: str = "box") -> Path:
     """A randomly initialised `tiny` U-Net in the weights-file format (self-describing metadata),
     so it loads exactly like trained weights: whole `slice_size` slices, or `crop_size` crops.
@@ -105,7 +105,7 @@ def tiny_weights(path, *, slice_size: int = 48, crop_size=None, prior: str = "no
             "model": {"preset": "tiny", "context_slices": context_slices, "atlas": atlas is not None},
             "diffusion": {"prediction": prediction},
             "data": {"slice_size": slice_size, "crop_size": crop_size, "prior": prior, "mirror": mirror,
-                     "planes": planes, "atlas_fit": atlas_fit},
+                     "atlas_fit": atlas_fit},
         }
     )
     torch.manual_seed(seed)

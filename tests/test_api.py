@@ -135,6 +135,7 @@ def _readme_section(title: str) -> str:
     return text[start : end if end > 0 else None]
 
 
+@pytest.mark.slow
 def test_the_readme_python_example_runs(tmp_path, weights):
     """The README's Python block, on a tiny synthetic case at the demo case's path."""
     section = _readme_section("Python API")

@@ -155,6 +155,7 @@ def test_the_affine_fit_finds_a_tilted_brain_where_the_box_fit_misses_it():
         case_atlas(atlas, tilted, mask, known, "elastic")
 
 
+@pytest.mark.slow
 def test_an_atlas_of_registered_brains_is_sharper_than_the_box_mean():
     brain = _lumpy_brain(seed=1)
     tilts = [_rotated(brain, d) for d in (-12.0, 0.0, 12.0)]

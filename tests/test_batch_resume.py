@@ -74,6 +74,7 @@ def _load(path: Path):
     return np.asanyarray(img.dataobj), img.affine, img.header.get_data_dtype()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_batch_then_resume_gives_identical_files(tmp_path):
     data = tmp_path / "data"
     ids = _make_cases(data, 4)
@@ -127,6 +128,7 @@ def _shard_outputs(data: Path, out: Path, *extra: str, env_extra=None) -> list[s
     return _outputs(out)
 
 
+@pytest.mark.slow
 def test_shards_cover_every_case_exactly_once(tmp_path):
     data = tmp_path / "data"
     ids = _make_cases(data, 5)

@@ -82,6 +82,7 @@ def _check(input_folder: Path, output: Path, result: subprocess.CompletedProcess
         assert np.count_nonzero(nib.load(str(path)).get_fdata()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("additional_files", [True, False], ids=["weights-mounted", "image-weights"])
 def test_the_2023_2024_call_mlcube_style(tmp_path, image_weights, additional_files):
     mounts = {point: tmp_path / name for point, name in MLCUBE_MOUNTS.items()}
@@ -98,6 +99,7 @@ def test_the_2023_2024_call_mlcube_style(tmp_path, image_weights, additional_fil
     assert f"weights {used}" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_2025_call_input_output_and_no_command(tmp_path, image_weights):
     mounts = {"/input": tmp_path / "input", "/output": tmp_path / "output"}
     mounts["/output"].mkdir()  # the orchestrator creates it before the run
@@ -146,6 +148,7 @@ class _StandInContainer:
         return {"StatusCode": self.result.returncode}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["brainpaint", "brainpaint_mlcube"])
 def test_the_orchestrator_runs_the_registered_algorithm(tmp_path, monkeypatch, image_weights, name):
     pytest.importorskip("brats", reason="the BraTS orchestrator is a dev-only extra (requirements-extra.txt)")

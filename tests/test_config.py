@@ -30,8 +30,8 @@ def test_yaml_values_are_coerced_to_the_declared_types(tmp_path):
     [
         ("infer", {"steps": 0}, "infer.steps must be >= 1, got 0"),
         ("infer", {"steps": 2.5}, "infer.steps must be an integer, got 2.5"),
-        ("infer", {"repaint": "yes"}, "infer.repaint must be true or false, got 'yes'"),
-        ("infer", {"noise_correlation": 2}, r"infer.noise_correlation must be in \[0, 1\], got 2.0"),
+        ("infer", {"repaint": True}, "infer.repaint was retired: only false is still accepted, got True"),
+        ("infer", {"noise_correlation": 0.5}, "infer.noise_correlation was retired: only 0.0 is still accepted, got 0.5"),
         ("infer", {"method": "magic"}, "unknown infer.method 'magic' \\(expected one of diffusion, harmonic\\)"),
         ("infer", {"device": "gpu0"}, "infer.device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
         ("infer", {"seed": None}, "infer.seed must be set"),
@@ -62,6 +62,23 @@ def test_sections_built_in_code_are_checked_too():
         Config.from_dict({"inference": {}})
 
 
+def test_retired_settings_load_when_they_ask_for_what_every_run_does(tmp_path):
+    """The parameters.yaml of an earlier run (and a weights file's metadata) may still hold a
+    retired setting: with the value every run now has it is dropped, with another it is an error."""
+    path = tmp_path / "old_run_parameters.yaml"
+    path.write_text("infer:\n  repaint: false\n  noise_correlation: 0\n  steps: 2\n")
+    cfg = Config.load(path)
+    assert cfg.to_dict() == Config.from_dict({"infer": {"steps": 2}}).to_dict() and cfg.explicit == {"infer.steps"}
+    with pytest.raises(ConfigError, match="infer.repaint was retired: only false is still accepted, got 0"):
+        Config.from_dict({"infer": {"repaint": 0}})
+    assert Config.from_dict({"data": {"planes": "axial"}, "infer": {"planes": None}}).explicit == frozenset()
+    assert Config.from_dict({"infer": {"planes": "axial"}}).to_dict() == Config().to_dict()
+    with pytest.raises(ConfigError, match="data.planes was retired: only axial is still accepted, got 'axial\\+coronal'"):
+        Config.from_dict({"data": {"planes": "axial+coronal"}})
+    with pytest.raises(ConfigError, match="infer.planes was retired: only null or axial is still accepted, got 'coronal'"):
+        Config.from_dict({"infer": {"planes": "coronal"}})
+
+
 def test_override_is_validated_and_marked_explicit():
     cfg = Config.from_dict({"infer": {"steps": 4}})
     done = cfg.override({"infer.ensemble": 3})
@@ -83,7 +100,7 @@ def test_the_built_in_infer_settings_are_the_shipped_sampler():
     infer = InferConfig()
     assert (infer.method, infer.sampler, infer.steps, infer.eta, infer.tile) == ("diffusion", "ddim", 1, 0.0, True)
     assert (infer.temperature, infer.ensemble, infer.smoothing_sigma) == (0.0, 1, 0.0)
-    assert (infer.noise_correlation, infer.batch_slices, infer.device, infer.seed) == (0.0, 8, "auto", 0)
+    assert (infer.batch_slices, infer.device, infer.seed) == (8, "auto", 0)
 
 
 def test_the_shipped_parameters_file_overrides_nothing():
@@ -103,20 +120,6 @@ def test_a_parameters_file_extends_another_section_by_section(tmp_path):
     assert cfg.explicit == {"model.preset", "train.lr", "train.batch_size", "infer.steps"}
 
 
-def test_the_fine_tune_recipe_is_the_base_recipe_plus_its_changes():
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    base = Config.load(configs / "x0_mirror.yaml").to_dict()
-    tune = Config.load(configs / "x0_mirror_ft.yaml").to_dict()
-    changed = {
-        f"{section}.{key}"
-        for section, values in tune.items()
-        for key, value in values.items()
-        if base[section][key] != value
-    }
-    assert changed == {"diffusion.terminal_fraction", "train.lr_schedule", "train.warmup_steps",
-                       "train.init_weights", "train.max_cpu_minutes"}
-
-
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -132,17 +135,76 @@ def test_a_bad_extends_is_one_clear_error(tmp_path, text, message):
         Config.load(path)
 
 
-def test_the_shipped_weights_compute_what_the_last_recipe_stage_describes():
+# The shipped recipe, configs/shipped.yaml: every setting that differs from the built-in
+# defaults, as the old chain of `extends:` files (configs/x0_mirror.yaml ... x0_ctx2rg.yaml,
+# commit 0a0ce1e) resolved it when the flat file replaced it.
+SHIPPED_RECIPE = {
+    "model": {"context_slices": 2, "atlas": True},
+    "diffusion": {"prediction": "x0", "terminal_fraction": 0.75},
+    "data": {"crop_size": 128, "prior": "harmonic", "atlas_gain": 1.0, "atlas_fit": "affine", "mirror": True,
+             "cache_volumes": 200, "cache_dir": "runs/cache"},
+    "train": {"lr": 5e-05, "ema_rate": 0.999, "max_steps": 1000000, "max_cpu_minutes": 30.0, "lr_schedule": "cosine",
+              "warmup_steps": 20, "export_every": 200, "save_every": 200, "keep_last": 2, "log_every": 25,
+              "val_every": 0, "seed": 7, "init_weights": "runs/x0_ctx2r0/model.safetensors"},
+}
+
+
+def _non_default(cfg: Config) -> dict:
+    defaults = Config().to_dict()
+    changed = {s: {k: v for k, v in values.items() if defaults[s][k] != v} for s, values in cfg.to_dict().items()}
+    return {s: values for s, values in changed.items() if values}
+
+
+def test_the_flat_shipped_recipe_is_the_old_chain_resolved():
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "configs" / "shipped.yaml").read_text()
+    assert "extends" not in yaml.safe_load(text)
+    assert _non_default(Config.load(repo / "configs" / "shipped.yaml")) == SHIPPED_RECIPE
+    # flat and minimal: it lists exactly the settings that differ from the defaults
+    listed = {f"{s}.{k}" for s, values in yaml.safe_load(text).items() for k in values}
+    assert listed == {f"{s}.{k}" for s, values in SHIPPED_RECIPE.items() for k in values}
+
+
+def test_the_shipped_weights_compute_what_the_shipped_recipe_describes():
     repo = Path(__file__).resolve().parents[1]
     saved = yaml.safe_load(read_metadata(repo / "workspace" / "additional_files" / "model.safetensors")["config"])
-    recipe = Config.load(repo / "configs" / "x0_ctx2rg.yaml")
-    assert recipe.model.context_slices == 2 and recipe.train.init_weights == "runs/x0_ctx2r0/model.safetensors"
-    assert recipe.model.atlas and recipe.data.atlas_gain == 1.0 and recipe.data.atlas_fit == "affine"
+    recipe = Config.load(repo / "configs" / "shipped.yaml")
     expected = yaml.safe_load(model_config_yaml(recipe))
+    # Settings retired since the weights were exported stay in their metadata with the value
+    # every run now has (`config.settings.RETIRED`); loading drops them.
+    assert saved["data"].pop("planes") == "axial"
     # Settings added after the weights were exported are absent from their metadata; loading
     # gives them their defaults, which must be what the recipe says.
     newer = [(s, k) for s in expected for k in expected[s] if k not in (saved.get(s) or {})]
     assert newer == []
-    for s, k in newer:
-        assert expected[s].pop(k) == Config().to_dict()[s][k]
     assert saved == expected
+
+
+def test_the_recipes_that_start_from_the_shipped_one_keep_its_network_and_inputs():
+    """gpu_wide: the shipped inputs and targets, a wider network from scratch; tumour: the
+    shipped recipe from the shipped weights, with intensity augmentation."""
+    repo = Path(__file__).resolve().parents[1]
+    shipped = Config.load(repo / "configs" / "shipped.yaml").to_dict()
+    for name, changes in {
+        "gpu_wide": {"model.base_channels", "data.num_workers", "train.batch_size", "train.lr", "train.warmup_steps",
+                     "train.max_cpu_minutes", "train.save_every", "train.export_every", "train.log_every",
+                     "train.seed", "train.init_weights"},
+        "tumour": {"data.gamma_aug", "data.bias_aug", "train.init_weights"},
+    }.items():
+        other = Config.load(repo / "configs" / f"{name}.yaml").to_dict()
+        changed = {f"{s}.{k}" for s in other for k in other[s] if other[s][k] != shipped[s][k]}
+        assert changed == changes, name
+    tumour = Config.load(repo / "configs" / "tumour.yaml")
+    assert (repo / tumour.train.init_weights).is_file()
+
+
+def test_the_paper_recipe_is_the_paper():
+    cfg = Config.load(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    assert (cfg.model.preset, cfg.model.context_slices, cfg.model.atlas) == ("paper", 0, False)
+    assert model_config_yaml(cfg).count("attention_downsample:\n  - 16\n")  # 224 / 16 = 14x14
+    d = cfg.diffusion
+    assert (d.prediction, d.learn_sigma, d.beta_schedule, d.beta_start, d.beta_end, d.steps) == ("eps", True, "linear", 1e-4, 0.02, 1000)
+    assert (d.loss_weighting, d.terminal_fraction) == ("uniform", 0.0)
+    assert (cfg.data.prior, cfg.data.mirror, cfg.data.crop_size, cfg.data.slice_size, cfg.data.atlas_gain) == ("none", False, None, 224, 0.0)
+    t = cfg.train
+    assert (t.lr, t.weight_decay, t.batch_size, t.ema_rate, t.lr_schedule) == (1e-4, 0.0, 8, 0.9999, "constant")

@@ -307,29 +307,6 @@ def test_a_brain_without_room_for_extra_masks_keeps_its_healthy_mask(cases):
     assert len(messages) == 2 and all("no extra masks" in m for m in messages)
 
 
-def test_coronal_planes_add_the_coronal_slices_of_every_mask(cases):
-    """data.planes: axial+coronal: one more unit per mask, whose slices are the y indices
-    where the mask is non-empty; a coronal sample is the (x, z) slice of the same volume."""
-    axial = SliceDataset(cases, _cfg())
-    both = SliceDataset(cases, _cfg(planes="axial+coronal"), augment=False)
-    assert [(u.case_index, u.plane) for u in both.units] == [(0, "axial"), (0, "coronal"), (1, "axial"), (1, "coronal")]
-    assert [u.z_slices for u in both.units if u.plane == "axial"] == [u.z_slices for u in axial.units]
-    mask = _ras(synth.make_mask(radius=4).astype(bool))  # RAS: the coronal index runs P to A
-    coronal = both.units[1]
-    assert list(coronal.z_slices) == list(np.flatnonzero(mask.any(axis=(0, 2))))
-    assert len(both) == sum(len(u.z_slices) for u in both.units)
-
-    y = coronal.z_slices[len(coronal.z_slices) // 2]
-    sample = both.sample((1, y), random.Random(0))
-    x0, cond = sample["x0"].numpy(), sample["cond"].numpy()
-    assert x0.shape == (1, 48, 48)  # a 48 x 20 slice, padded at the high end
-    t1n = _ras(synth.make_brain(seed=1).round())
-    gt = IntensityMap.fit(np.where(mask, 0, t1n)).normalize(t1n)[:, y, :]
-    np.testing.assert_allclose(decode_sample(x0[0], cond[0], "none")[:, :20], gt, atol=1e-5)
-    np.testing.assert_array_equal(cond[1][:, :20], mask[:, y, :])
-    assert not cond[1][:, 20:].any()
-
-
 def test_the_atlas_residual_is_the_last_channel_and_no_scan_augmentation_touches_it(cases, tmp_path):
     cfg = Config.from_dict({"model": {"preset": "tiny", "atlas": True},
                             "data": {"slice_size": 48, "flip_prob": 0, "prior": "harmonic", "gamma_aug": 0.3,

@@ -178,6 +178,7 @@ def test_fixed_variance_has_no_vb_term_and_checks_channels():
         d.training_losses(lambda x, t: torch.zeros(2, 2, 4, 4), torch.zeros(2, 1, 4, 4), torch.zeros(2, 2, 4, 4))
 
 
+@pytest.mark.slow
 def test_hybrid_loss_decreases_when_overfitting_one_image():
     torch.manual_seed(0)
     d = _diffusion()
@@ -253,26 +254,6 @@ def test_noise_fn_shared_across_the_batch_gives_identical_samples():
     out = d.sample(model, cond, sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0), noise_fn=shared)
     torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[0], out[2], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_repaint_mixing_keeps_the_known_region(sampler):
-    d = _diffusion()
-    model = _random_tiny()
-    cond = torch.randn(2, 2, 16, 16)
-    known = torch.linspace(-0.8, 0.8, 16).view(1, 1, 1, 16).expand(2, 1, 16, 16)
-    known_mask = torch.zeros(2, 1, 16, 16)
-    known_mask[..., :, :8] = 1
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    mixed = d.sample(model, cond, sampler=sampler, steps=8, generator=gen(), known=known, known_mask=known_mask)
-    free = d.sample(model, cond, sampler=sampler, steps=8, generator=gen())
-    inside = known_mask.bool()
-    err_mixed = (mixed - known)[inside].abs().max().item()
-    err_free = (free - known)[inside].abs().max().item()
-    assert err_mixed < 0.05
-    assert err_free > 0.2
-    with pytest.raises(ValueError, match="known and known_mask must be given together"):
-        d.sample(model, cond, known=known)
 
 
 def test_fixed_variance_sampling_and_bad_sampler():
@@ -365,31 +346,6 @@ def test_dpm2m_is_ddim_when_first_order_and_more_accurate_with_few_steps():
     assert abs(spread["dpm2m"] - 0.4) < 0.6 * abs(spread["ddim"] - 0.4), spread
     zero = d.sample(oracle, big, sampler="dpm2m", steps=10, generator=gen(), clip_denoised=False, temperature=0.0)
     torch.testing.assert_close(zero, torch.full_like(zero, 0.3), atol=2e-3, rtol=0)
-
-
-@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0])
-def test_repaint_noises_the_known_region_with_the_forward_process_whatever_the_temperature(temperature):
-    """The x_t the network sees in the known region is a draw of q(x_t | known): unscaled noise."""
-    d = _diffusion()
-    seen = []
-
-    def model(x, t):
-        seen.append(x[:, -1:].clone())
-        return torch.cat([0.5 * x[:, -1:], torch.zeros_like(x[:, -1:])], 1)
-
-    cond = torch.randn(2, 2, 8, 8)
-    known = torch.linspace(-0.8, 0.8, 8).view(1, 1, 1, 8).expand(2, 1, 8, 8)
-    known_mask = torch.zeros(2, 1, 8, 8)
-    known_mask[..., :4] = 1
-    d.sample(model, cond, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(0),
-             known=known, known_mask=known_mask, temperature=temperature)
-    spaced = d.respaced(5)
-    replay = torch.Generator().manual_seed(0)
-    torch.randn((2, 1, 8, 8), generator=replay)  # x_T
-    inside = known_mask.bool()
-    for call, i in enumerate(range(4, -1, -1)):  # DDIM with eta 0 draws only the mixing noise
-        expected = spaced.q_sample(known, torch.full((2,), i), torch.randn((2, 1, 8, 8), generator=replay))
-        torch.testing.assert_close(seen[call][inside], expected[inside], rtol=0, atol=0)
 
 
 def test_pixels_of_weight_zero_add_nothing_to_the_loss():

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import yaml
+from scipy import ndimage
 from inpainting.challenge_metrics_2023 import compute_image_quality_metrics
 from typer.testing import CliRunner
 
@@ -138,6 +139,25 @@ def test_stripe_index_detects_slice_offsets_and_ignores_outside_pairs():
     changed_outside = gt.copy()
     changed_outside[~mask] = rng.normal(0, 500, (~mask).sum())
     assert stripe_index(changed_outside, gt, mask) == pytest.approx(1.0)
+
+
+def test_stripe_index_is_high_for_stacked_independent_slices_and_one_for_isotropic_tissue():
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 30)
+    mask = np.zeros(shape, bool)
+    mask[8:32, 8:32, 5:25] = True
+    truth = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5)
+    other_draw = ndimage.gaussian_filter(rng.standard_normal(shape), 1.5)  # same texture, new sample
+    # Each slice an independent draw of the same in-plane texture: what slice-wise sampling gives.
+    stacked = np.stack(
+        [ndimage.gaussian_filter(rng.standard_normal(shape[:2]), 1.5) for _ in range(shape[2])], axis=2
+    )
+    stacked *= truth.std() / stacked.std()
+    assert stripe_index(truth, truth, mask) == pytest.approx(1.0)
+    assert stripe_index(other_draw, truth, mask) == pytest.approx(1.0, abs=0.1)
+    assert stripe_index(stacked, truth, mask) > 2.0
+    # A 3D Gaussian filter lowers the index of the stacked volume but also blurs in-plane.
+    assert stripe_index(ndimage.gaussian_filter(stacked, 1.075), truth, mask) < stripe_index(stacked, truth, mask)
 
 
 def test_stripe_index_undefined_cases_are_nan():

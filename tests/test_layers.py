@@ -113,6 +113,7 @@ def test_inference_and_training_stay_apart():
             assert not [m for m in _reachable(module) if _layer(m) == "infer"], module
 
 
+@pytest.mark.slow
 def test_the_api_closure_holds_no_training_code():
     reached = _reachable("brainpaint.api") | {"brainpaint.api"}
     assert "brainpaint.infer.inpainter" in reached  # the diffusion predictor, imported when made
@@ -138,6 +139,7 @@ def test_every_module_imports_on_its_own(module):
     importlib.import_module(module)
 
 
+@pytest.mark.slow
 def test_the_light_paths_do_not_load_torch():
     code = (
         "import sys, brainpaint.cli, brainpaint.config.settings, brainpaint.infer.batch, brainpaint.data.prepare;"

@@ -290,6 +290,7 @@ def _run_entrypoint(workspace: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_infer_task_harmonic_on_cpu(tmp_path):
     """The MedPerf command line, run as MLCube would inside the image, minus Docker."""
     data, out = tmp_path / "data", tmp_path / "predictions"
@@ -321,6 +322,7 @@ def test_infer_task_harmonic_on_cpu(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == before, "inputs untouched"
 
 
+@pytest.mark.slow
 def test_train_task_on_cpu_with_a_cuda_setting(tmp_path):
     """Without a GPU the train task runs on the CPU too, whatever train.device says."""
     data, out = tmp_path / "data", tmp_path / "checkpoints"
@@ -338,6 +340,7 @@ def test_train_task_on_cpu_with_a_cuda_setting(tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_bad_parameters_file_fails_with_one_line(tmp_path):
     data = tmp_path / "data"
     synth.write_case(data, labels=False)

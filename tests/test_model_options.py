@@ -238,6 +238,7 @@ def test_tiled_inference_runs_windows_of_the_training_size_and_keeps_known_voxel
     assert np.isfinite(pred.volume).all()
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_output_at_temperature_one(tmp_path):
     w = write_weights(tmp_path / "w.safetensors", crop_size=16, prediction="x0")
     synth.write_case(tmp_path / "d", "c", seed=2, radius=5)
@@ -286,12 +287,31 @@ def test_weights_files_without_the_new_settings_load_as_eps_models(tmp_path):
     old = yaml.safe_load(meta["config"])
     for key in ("prediction", "loss_weighting", "min_snr_gamma", "terminal_fraction"):
         old["diffusion"].pop(key)
-    for key in ("mirror", "gamma_aug", "bias_aug", "planes"):
+    for key in ("mirror", "gamma_aug", "bias_aug"):
         old["data"].pop(key)
     save_file(load_file(str(w)), str(tmp_path / "old.safetensors"), metadata={"config": yaml.safe_dump(old)})
     cfg = weights_config(tmp_path / "old.safetensors")
-    assert cfg.diffusion.prediction == "eps" and not cfg.data.mirror and cfg.data.planes == "axial"
+    assert cfg.diffusion.prediction == "eps" and not cfg.data.mirror
     assert "cache_dir" not in meta["config"]
+
+
+def test_weights_files_that_record_a_retired_setting_load_or_say_which(tmp_path):
+    """Weights files up to the shipped one record `data.planes: axial` (coronal training is
+    retired): they load; one trained on coronal slices too is refused, naming the setting."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from brainpaint.errors import InferenceSetupError
+
+    w = write_weights(tmp_path / "w.safetensors")
+    with safe_open(str(w), "pt") as f:
+        meta = yaml.safe_load(f.metadata()["config"])
+    for planes in ("axial", "axial+coronal"):
+        meta["data"]["planes"] = planes
+        save_file(load_file(str(w)), str(tmp_path / f"{planes}.safetensors"), metadata={"config": yaml.safe_dump(meta)})
+    assert weights_config(tmp_path / "axial.safetensors").to_dict() == weights_config(w).to_dict()
+    with pytest.raises(InferenceSetupError, match="data.planes was retired: only axial is still accepted"):
+        DiffusionInpainter(Config.from_dict({"infer": {"weights": str(tmp_path / "axial+coronal.safetensors"), "device": "cpu"}}))
 
 
 # --------------------------------------------------------------------------- budget and schedule
@@ -309,6 +329,7 @@ def test_lr_schedules_follow_the_budget():
     assert Budget(TrainConfig(max_cpu_minutes=1.0), cpu_before=61.0).cpu_spent()
 
 
+@pytest.mark.slow
 def test_cpu_budget_stops_the_run_keeps_its_total_across_resumes_and_exports_a_curve(tmp_path):
     data = tmp_path / "data"
     synth.write_case(data, "a", seed=0, radius=4)

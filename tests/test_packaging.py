@@ -5,8 +5,12 @@ installed `brainpaint` command, is scripts/install_check.sh (network, minutes; r
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -57,3 +61,20 @@ def test_the_package_imports_only_declared_third_party_modules():
 def test_the_console_script_is_the_cli():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["scripts"] == {"brainpaint": "brainpaint.cli:main"}
+
+
+def test_no_two_tracked_paths_differ_only_by_case():
+    """A checkout on a case-insensitive file system (macOS, Windows) would keep one of them."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode()
+    paths = [p for p in listed.split("\0") if p]
+    # every folder of every path counts too: docs/A/x and docs/a/y clash as folders
+    names = {prefix for p in paths for prefix in ("/".join(p.split("/")[: i + 1]) for i in range(p.count("/") + 1))}
+    seen: dict[str, str] = {}
+    clashes = []
+    for name in sorted(names):
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            clashes.append((other, name))
+    assert not clashes, f"paths that differ only by case: {clashes}"

@@ -62,6 +62,7 @@ def _load(path: Path):
     return img, np.asarray(img.dataobj)
 
 
+@pytest.mark.slow
 def test_exit_code_and_failure_recorded(built):
     assert built["code"] == 1  # sub-03 failed
     manifest = json.loads((built["out"] / "manifest.json").read_text())
@@ -91,6 +92,7 @@ def test_layout_split_and_no_leftovers(built):
     assert not [p for p in out.rglob(".*")]  # no temporary files or folders
 
 
+@pytest.mark.slow
 def test_case_contents(built):
     for case in [*(built["out"] / "train").iterdir(), *(built["out"] / "val").iterdir()]:
         cid = case.name

@@ -28,6 +28,7 @@ def _rows(docs: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_the_stage_curve_scores_each_point_once_and_draws_it(tmp_path, capsys):
     bench = _bench()
     for i in range(2):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import synth
 from brainpaint.data.atlas_build import atlas_from_cases
 from brainpaint.io.brats import discover_cases
-from brainpaint.config.settings import Config
+from brainpaint.config.settings import Config, model_config_yaml
 from brainpaint.data.slices import SliceDataset
 from brainpaint.data.stream import TrainStream
 from brainpaint.diffusion.process import GaussianDiffusion
@@ -74,6 +74,7 @@ def data(tmp_path):
 
 
 # --------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_overfits_one_case_and_exports_weights_that_learned(tmp_path):
     root = tmp_path / "one"
     synth.write_case(root, "only", seed=0, radius=4)
@@ -313,14 +314,6 @@ def test_init_weights_warm_starts_model_and_ema_at_step_zero(tmp_path, data, cap
     assert any(not torch.equal(moved[k], exported[k]) for k in exported)
 
 
-def test_axial_weights_warm_start_a_run_on_axial_and_coronal_slices(tmp_path, data):
-    first = tmp_path / "first"
-    assert run_train(_cfg(train={"max_steps": 1}), data, first) == 0
-    both = _cfg(data={"planes": "axial+coronal"}, train={"max_steps": 2, "init_weights": str(first / "model.safetensors")})
-    assert run_train(both, data, tmp_path / "second") == 0
-    assert weights_config(tmp_path / "second" / "model.safetensors").data.planes == "axial+coronal"
-
-
 def test_init_weights_of_another_network_is_refused(tmp_path, data, capsys):
     first = tmp_path / "first"
     assert run_train(_cfg(train={"max_steps": 1}), data, first) == 0
@@ -387,6 +380,7 @@ def test_init_weights_deepens_the_middle_of_a_network_computing_the_same_functio
     assert "was trained with model.extra_middle_blocks=2, the parameters say 0; a network cannot drop middle blocks" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_init_weights_adds_the_atlas_channel_computing_the_same_function_and_builds_the_atlas(tmp_path, data, capsys):
     cfg_atlas, w0, w1 = _grown(tmp_path, data, atlas=True)
     assert w1["input_blocks.0.0.weight"].shape[1] == 4 and w0["input_blocks.0.0.weight"].shape[1] == 3
@@ -428,6 +422,7 @@ def test_weights_start_a_run_with_another_atlas_gain_but_a_run_resumes_only_with
     assert "was trained with data.atlas_gain=0.5, the parameters say 0.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_atlas_even_when_the_training_brains_change(tmp_path, data):
     out = tmp_path / "run"
     assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 2}), data, out) == 0
@@ -441,15 +436,48 @@ def test_a_resumed_run_keeps_its_atlas_even_when_the_training_brains_change(tmp_
     assert not torch.equal(load_file(str(fresh / "model.safetensors"))["atlas"], before)
 
 
-def test_shipped_training_configs_load_and_the_budget_arms_differ_only_in_context():
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
-    assert configs, "no training configurations in configs/"
-    loaded = {p.stem: Config.load(p).to_dict() for p in configs}  # raises on unknown keys
-    flat, wide = loaded["budget_2d"], loaded["budget_25d"]
-    assert (flat["model"]["context_slices"], wide["model"]["context_slices"]) == (0, 1)
-    wide["model"]["context_slices"] = 0
-    assert wide == flat
-    assert (ROOT / flat["train"]["init_weights"]).is_file()
+# Every recipe in configs/ starts a run on the two tiny synthetic cases, changed only where a
+# real-size run would take minutes there: a 32-px crop (or 64-px whole slices) instead of the
+# recipe's size and 16 base channels for the wider networks, unless the recipe starts from
+# weights (whose network and crop size it keeps; the shipped weights stand in for a start file
+# that only a training run makes); no loader workers and a cache folder of the test's own.
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+SHIPPED_WEIGHTS = ROOT / "workspace" / "additional_files" / "model.safetensors"
+
+
+def _tiny_run(cfg: Config, tmp_path: Path) -> dict:
+    from brainpaint.config.presets import resolve_architecture
+
+    changes = {"train.max_steps": 1, "train.device": "cpu", "data.num_workers": 0, "data.cache_dir": str(tmp_path / "cache")}
+    init = cfg.train.init_weights
+    if init is not None:  # the network and crop size of its start weights stay
+        changes["train.init_weights"] = str(ROOT / init if (ROOT / init).is_file() else SHIPPED_WEIGHTS)
+        return changes
+    if cfg.data.crop_size is not None:
+        changes["data.crop_size"] = 32
+    else:
+        changes["data.slice_size"] = 64
+    if resolve_architecture(cfg.model)["base_channels"] > 16:
+        changes["model.base_channels"] = 16
+    return changes
+
+
+def test_configs_holds_the_recipes_the_docs_name_and_nothing_else():
+    assert [p.name for p in RECIPES] == ["demo_small.yaml", "gpu_wide.yaml", "paper.yaml", "shipped.yaml", "tumour.yaml"]
+    assert not [p for p in (ROOT / "configs").rglob("*") if p.is_dir()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_in_configs_starts_a_run(tmp_path, data, recipe):
+    cfg = Config.load(recipe)
+    changes = _tiny_run(cfg, tmp_path)
+    out = tmp_path / "run"
+    assert run_train(cfg.override(changes), data, out) == 0
+    assert list_checkpoints(out) and (out / "model.safetensors").is_file()
+    # the weights describe the recipe with those changes
+    meta = yaml.safe_load(safe_open(str(out / "model.safetensors"), "pt").metadata()["config"])
+    assert meta == yaml.safe_load(model_config_yaml(cfg.override(changes)))
 
 
 # --------------------------------------------------------------------------- kill, resume, SIGTERM
@@ -471,6 +499,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_continues_at_the_checkpoint(tmp_path, data):
     out = tmp_path / "out"
     params = tmp_path / "params.yaml"
@@ -502,6 +531,7 @@ def test_sigkill_then_resume_continues_at_the_checkpoint(tmp_path, data):
     assert not np.allclose(load_file(str(out / "model.safetensors"))["out.2.weight"], ema_k["out.2.weight"])
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exports(tmp_path, data):
     out = tmp_path / "out"
     params = tmp_path / "params.yaml"
@@ -518,6 +548,7 @@ def test_sigterm_writes_a_checkpoint_and_exports(tmp_path, data):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_still_checkpoints(tmp_path, data):
     # Schedulers signal every process of the job, loader workers included.
     out = tmp_path / "out"
@@ -534,6 +565,7 @@ def test_sigterm_to_the_whole_process_group_still_checkpoints(tmp_path, data):
 
 
 # --------------------------------------------------------------------------- DDP
+@pytest.mark.slow
 def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
     root = tmp_path / "data"
     for i in range(4):  # enough cases for each rank to get its own
@@ -567,6 +599,7 @@ def _assert_same_tensors(a: dict, b: dict) -> None:
             assert torch.equal(a[name][key], b[name][key]), (name, key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, data, workers):
     # Crops with jitter and flips: the data stream draws augmentation randomness every sample.
@@ -642,6 +675,7 @@ def _four_cases(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_ddp_resume_restores_every_rank_and_continues_the_uninterrupted_run(tmp_path):
     root = _four_cases(tmp_path)
     runs = {}
@@ -656,6 +690,7 @@ def test_ddp_resume_restores_every_rank_and_continues_the_uninterrupted_run(tmp_
     _assert_same_tensors(runs["parts"], runs["whole"])
 
 
+@pytest.mark.slow
 def test_ddp_export_failure_on_rank_0_stops_every_rank_with_a_message(tmp_path):
     root = _four_cases(tmp_path)
     out = tmp_path / "out"
@@ -669,6 +704,7 @@ def test_ddp_export_failure_on_rank_0_stops_every_rank_with_a_message(tmp_path):
     assert "error: rank 0 could not" in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_weights_of_the_box_fit_start_an_affine_fit_run_with_an_atlas_of_registered_brains(tmp_path, data, capsys):
     box = tmp_path / "box"
     assert run_train(_cfg(model={"atlas": True}, train={"max_steps": 1}), data, box) == 0

@@ -18,10 +18,6 @@ blends them where they overlap.
 
 `midline_shift` and `mirror_x` reflect a volume left-right about its own midline, so the
 network can look at the other hemisphere.
-
-`to_plane` turns an [X, Y, Z] volume so that its last axis walks the slices of a plane: axial
-slices (x, y) as stored, or coronal slices (x, z). Both keep the left-right axis first, so the
-mirrored hemisphere lies in the same slice. The turn is its own inverse.
 """
 from __future__ import annotations
 
@@ -32,22 +28,6 @@ import numpy as np
 from brainpaint.errors import CaseError
 
 Box = tuple[slice, ...]
-
-# Slice planes: the axis order that puts the plane's slices on the last axis (an involution).
-PLANE_AXES = {"axial": (0, 1, 2), "coronal": (0, 2, 1)}
-
-
-def plane_names(spec: str) -> list[str]:
-    """"axial+coronal" -> ["axial", "coronal"] (the `planes` settings)."""
-    return spec.split("+")
-
-
-def to_plane(volume: np.ndarray, plane: str) -> np.ndarray:
-    """`volume` [X, Y, Z] with `plane`'s slices on the last axis (a view); applied twice, the
-    original order."""
-    axes = PLANE_AXES[plane]
-    return volume if axes == (0, 1, 2) else np.asarray(volume).transpose(axes)
-
 
 def _inplane_extent(array: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """[start, stop) of the non-zero voxels along x and y (union over z); None when empty."""

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from brainpaint.conditioning.atlas import atlas_residual
-from brainpaint.conditioning.geometry import midline_shift, to_plane
+from brainpaint.conditioning.geometry import midline_shift
 from brainpaint.conditioning.harmonic import harmonic_fill
 from brainpaint.conditioning.intensity import IntensityMap
 
@@ -30,11 +30,6 @@ class VolumeInputs:
     mask: np.ndarray
     mirror_shift: Optional[int] = None
     atlas: Optional[np.ndarray] = None
-
-    def in_plane(self, plane: str) -> "VolumeInputs":
-        """The same inputs with `plane`'s slices on the last axis (`geometry.to_plane`, views)."""
-        turn = lambda a: None if a is None else to_plane(a, plane)  # noqa: E731
-        return VolumeInputs(self.imap, turn(self.b), turn(self.mask), self.mirror_shift, turn(self.atlas))
 
     def z_range(self, z0: int, z1: int) -> "VolumeInputs":
         """The same inputs restricted to slices z0 .. z1 - 1."""

@@ -10,7 +10,7 @@ wrong. Unknown sections and keys are errors too, so a typo never passes silently
 the package reads settings as they are: an `int` setting is an int.
 
 A file may start from another with a top-level `extends: <file>` and list only what it changes
-(`configs/x0_mirror_ft.yaml` extends `configs/x0_mirror.yaml`).
+(`configs/tumour.yaml` extends `configs/shipped.yaml`).
 
 `Config.explicit` holds the `section.key` names that a file or an override set, so a consumer
 can tell a chosen value from a default (inference warns when the weights file overrides one).
@@ -40,11 +40,20 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 METHODS = ("diffusion", "harmonic")
 # The samplers of `diffusion.samplers` (tests/test_layers.py checks that the names match).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm2m")
-# Slice planes a network is trained on and fills in (`geometry.PLANE_AXES`), "+"-joined.
-PLANE_SETS = ("axial", "coronal", "axial+coronal")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Sections that describe what a weights file computes (recorded in its metadata).
 MODEL_SECTIONS = ("model", "diffusion", "data")
+# Retired settings, each with the values that every run now has. Weights files and the
+# parameters.yaml of earlier runs still hold them; with one of these values a key is dropped
+# when read (it asks for what happens anyway), with any other it is an error that names it.
+RETIRED = {
+    "infer.repaint": (False,),  # RePaint-style known-region mixing of x_t (eps-era samplers)
+    "infer.noise_correlation": (0.0,),  # sampling noise shared across slices (the eps-era stripe study)
+    # Coronal slices as well as axial ones, in training and inference: every weights file up to
+    # the shipped one records `data.planes: axial`, which loads; a network is axial-only now.
+    "data.planes": ("axial",),
+    "infer.planes": (None, "axial"),
+}
 
 
 def setting(default: Any = None, *, ge=None, gt=None, le=None, choices=None):
@@ -256,8 +265,6 @@ class DataConfig(_Section):
     # the amplitude of a smooth random multiplicative (bias) field; 0 disables either.
     gamma_aug: float = setting(0.0, ge=0)
     bias_aug: float = setting(0.0, ge=0)
-    # Slice planes of the training pairs: "axial" (the paper), "coronal", or both.
-    planes: str = setting("axial", choices=PLANE_SETS)
     num_workers: int = setting(0, ge=0)
     cache_volumes: int = setting(16, ge=1)  # decoded volumes kept per loader worker
     # Folder for the harmonic fills and midlines of training volumes, computed once and reused
@@ -327,11 +334,6 @@ class InferConfig(_Section):
     smoothing_sigma: float = setting(0.0, ge=0)
     # Voxels of known tissue around the mask that the post-filter reads (None = all of it; smoothing.py).
     smoothing_border: Optional[int] = setting(None, ge=0)
-    # Slice planes filled and averaged: "axial", "coronal" or "axial+coronal"; None = the
-    # planes the weights were trained on (their `data.planes`).
-    planes: Optional[str] = setting(None, choices=PLANE_SETS)
-    repaint: bool = False  # RePaint-style known-region x_t mixing during sampling
-    noise_correlation: float = setting(0.0, ge=0, le=1)  # share of noise shared across neighbouring slices
     # Scale of the sampler's noise. 0 starts the deterministic DDIM path at x_T = 0: one fill near
     # the conditional mean, which the challenge metrics reward; 1 draws samples (ensembles, std maps).
     temperature: float = setting(0.0, ge=0)
@@ -414,6 +416,7 @@ class Config:
                 continue
             if not isinstance(values, dict):
                 raise ConfigError(f"section '{section}' must be a mapping")
+            values = _drop_retired(section, values)
             known = {f.name for f in dataclasses.fields(SECTIONS[section])}
             for key in values:
                 if key not in known:
@@ -450,6 +453,19 @@ class Config:
         cfg = Config.from_dict(data)
         cfg.explicit = self.explicit | frozenset(dotted)
         return cfg
+
+
+def _drop_retired(section: str, values: dict) -> dict:
+    """`values` without the retired keys (`RETIRED`) that hold a value every run now has."""
+    out = {}
+    for key, value in values.items():
+        kept = RETIRED.get(f"{section}.{key}")
+        if kept is None:
+            out[key] = value
+        elif not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in kept):
+            shown = " or ".join("null" if v is None else yaml.safe_dump(v).split("\n")[0] for v in kept)
+            raise ConfigError(f"{section}.{key} was retired: only {shown} is still accepted, got {value!r}")
+    return out
 
 
 EXTENDS = "extends"

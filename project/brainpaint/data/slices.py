@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from brainpaint.conditioning.geometry import crop, full_slice_box, plane_names, to_plane
+from brainpaint.conditioning.geometry import crop, full_slice_box
 from brainpaint.conditioning.inputs import PriorCache, VolumeInputs, prior_cache, volume_inputs
 from brainpaint.conditioning.layout import InputLayout
 from brainpaint.conditioning.target import encode_target
@@ -41,8 +41,7 @@ class _Unit:
 
     case_index: int
     k: int
-    z_slices: tuple[int, ...]  # slices (of `plane`) where this mask is non-empty
-    plane: str = "axial"
+    z_slices: tuple[int, ...]  # axial slices where this mask is non-empty
 
 
 @dataclass
@@ -88,13 +87,13 @@ def _stable_seed(*parts) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode())
 
 
-def _mask_slices(mask: np.ndarray, plane: str) -> tuple[int, ...]:
-    """Indices of the slices of `plane` where `mask` [X, Y, Z] is non-empty."""
-    return tuple(int(z) for z in np.flatnonzero(to_plane(mask, plane).any(axis=(0, 1))))
+def _mask_slices(mask: np.ndarray) -> tuple[int, ...]:
+    """Indices of the axial slices where `mask` [X, Y, Z] is non-empty."""
+    return tuple(int(z) for z in np.flatnonzero(mask.any(axis=(0, 1))))
 
 
-def _read_mask_slices(case, planes: list[str]) -> dict[str, tuple[int, ...]]:
-    """Per plane, the slices where mask-healthy is non-empty, reading only that (small) file."""
+def _read_mask_slices(case) -> tuple[int, ...]:
+    """The axial slices where mask-healthy is non-empty, reading only that (small) file."""
     path = case.files.get("mask_healthy")
     if path is None:
         raise CaseError(case.id, "no mask-healthy file (needed for training)")
@@ -106,18 +105,18 @@ def _read_mask_slices(case, planes: list[str]) -> dict[str, tuple[int, ...]]:
     if mask.ndim != 3:
         raise CaseError(case.id, f"mask-healthy must be 3D, got shape {mask.shape}")
     mask = to_ras(mask != 0, img.affine)  # the decoded units' frame (CaseData.in_ras)
-    return {plane: _mask_slices(mask, plane) for plane in planes}
+    return _mask_slices(mask)
 
 
 class SliceDataset(Dataset):
     """Training pairs (x0 [1,H,W], cond [C,H,W]) from BraTS-layout cases with labels.
 
     Cases are used in RAS axes (`CaseData.in_ras`), the frame inference gives the network.
-    A pair is (case, mask k, z) for every slice z where the mask is non-empty, of every plane
-    in `data.planes` (axial: z indexes the RAS volume's last axis; coronal: its second); mask 0
-    is the case's mask-healthy, masks 1..n are `data.extra_masks_per_volume` generated
-    healthy masks (`masks.generate_masks`, sized in cm³ with the case's voxel spacing; a brain
-    with no room for them keeps its mask-healthy alone, with a warning).
+    A pair is (case, mask k, z) for every axial slice z (the RAS volume's last axis) where the
+    mask is non-empty; mask 0 is the case's mask-healthy, masks 1..n are
+    `data.extra_masks_per_volume` generated healthy masks (`masks.generate_masks`, sized in cm³
+    with the case's voxel spacing; a brain with no room for them keeps its mask-healthy alone,
+    with a warning).
     Cases that cannot be used are collected in `.errors` (one-line CaseErrors) and skipped.
 
     Decoded units live in an LRU cache of `data.cache_volumes` entries per process/worker;
@@ -138,7 +137,6 @@ class SliceDataset(Dataset):
         self.errors = list(self.errors)
 
         n_extra = cfg.data.extra_masks_per_volume
-        self.planes = plane_names(cfg.data.planes)
         # Generated masks are kept as (bounding-box offset, cropped bool array): a few hundred KB each.
         self._extra: dict[tuple[int, int], tuple[tuple[int, int, int], np.ndarray]] = {}
         self.units: list[_Unit] = []
@@ -146,11 +144,11 @@ class SliceDataset(Dataset):
         for case in self.cases:
             ci = len(usable)
             try:
-                z_healthy = _read_mask_slices(case, self.planes)
+                z_healthy = _read_mask_slices(case)
             except CaseError as exc:
                 self.errors.append(exc)
                 continue
-            units = [_Unit(ci, 0, zs, plane) for plane, zs in z_healthy.items() if zs]
+            units = [_Unit(ci, 0, z_healthy)] if z_healthy else []
             if n_extra:
                 try:
                     units += self._generate_extra(case, ci, n_extra)
@@ -186,7 +184,7 @@ class SliceDataset(Dataset):
                 continue
             lo, hi = nz.min(0), nz.max(0) + 1
             self._extra[(ci, k)] = (tuple(int(v) for v in lo), mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy())
-            units += [_Unit(ci, k, _mask_slices(mask, plane), plane) for plane in self.planes]
+            units.append(_Unit(ci, k, _mask_slices(mask)))
         return units
 
     def _extra_mask(self, ci: int, k: int, shape) -> np.ndarray:
@@ -233,9 +231,6 @@ class SliceDataset(Dataset):
         known = self._cached_prior(case.id, unit.k, voided, mask, atlas)
         vin = volume_inputs(voided, mask, self.cfg.data, known, atlas)
         gt = vin.imap.normalize(t1n)
-        # The fill and midline are those of the volume; only the slicing turns with the plane.
-        vin = vin.in_plane(unit.plane)
-        gt, t1n, mask, tumour = (to_plane(a, unit.plane) for a in (gt, t1n, mask, tumour))
 
         full_box = None
         if self.cfg.data.crop_size is None:

@@ -352,8 +352,6 @@ class GaussianDiffusion:
         eta: float = 0.0,
         generator: Optional[torch.Generator] = None,
         noise_fn: Optional[NoiseFn] = None,
-        known: Optional[torch.Tensor] = None,
-        known_mask: Optional[torch.Tensor] = None,
         clip_denoised: Union[bool, float] = True,
         progress: bool = False,
         autocast: Optional[torch.dtype] = None,
@@ -368,11 +366,8 @@ class GaussianDiffusion:
           respaced timesteps.
         - ``generator``: makes the draw reproducible; noise is drawn on the generator's device
           and moved to ``cond``'s device, so a CPU generator gives the same noise everywhere.
-        - ``noise_fn(shape, generator)``: replaces the standard normal draws (e.g. noise
-          correlated along the batch axis = neighbouring slices).
-        - ``known``/``known_mask`` (RePaint-style): before every step, x_t is replaced by a
-          draw of ``q(x_t | known)`` where ``known_mask`` is 1 (always with unscaled noise:
-          that is the forward process, whatever the temperature).
+        - ``noise_fn(shape, generator)``: replaces the standard normal draws (e.g. one
+          stream per slice, ``noise.SliceNoise``).
         - ``clip_denoised``: clamp the predicted x_0 to [-1, 1] (or to +-value for a float).
         - ``autocast``: dtype for the network under autocast (e.g. torch.bfloat16 on CUDA);
           the diffusion arithmetic stays float32.
@@ -381,21 +376,17 @@ class GaussianDiffusion:
           the centre of the distribution; 0 with DDIM (eta = 0) follows the probability-flow
           ODE from x_T = 0, one deterministic estimate near the conditional mean.
         """
-        _check_sampling(sampler, known, known_mask, temperature)
+        _check_sampling(sampler, temperature)
         spaced = self.respaced(steps)
         solver = SAMPLERS[sampler](spaced, eta=eta)
         draw = _noise_source(noise_fn, generator, cond.device)
         noise = lambda shape: float(temperature) * draw(shape)  # noqa: E731
         b, _, h, w = cond.shape
         shape = (b, 1, h, w)
-        if known is not None:
-            known, known_mask = (v.to(device=cond.device, dtype=torch.float32) for v in (known, known_mask))
         amp = torch.autocast(cond.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         x = noise(shape)
         for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc=f"{sampler} sampling", leave=False, disable=not progress):
             t = torch.full((b,), i, device=cond.device, dtype=torch.long)
-            if known is not None:
-                x = known_mask * spaced.q_sample(known, t, draw(shape)) + (1 - known_mask) * x
             with amp:
                 out = spaced._model_output(model, cond, x, t)
             pred = spaced.p_mean_variance_from_output(out, x, t, clip_denoised)
@@ -403,11 +394,9 @@ class GaussianDiffusion:
         return x
 
 
-def _check_sampling(sampler: str, known, known_mask, temperature: float) -> None:
+def _check_sampling(sampler: str, temperature: float) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}' (choose {', '.join(SAMPLERS)})")
-    if (known is None) != (known_mask is None):
-        raise ValueError("known and known_mask must be given together")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
 

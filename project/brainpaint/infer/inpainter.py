@@ -14,8 +14,7 @@ between cases, so one bad case cannot affect the next. Per case:
 3. Every axial slice of a window that contains mask voxels is conditioned and denoised; slices
    go through the network `infer.batch_slices` at a time (not one by one), under
    `torch.inference_mode` and, on CUDA, bf16 autocast. Each slice draws its noise from its own
-   seed, so the result does not depend on the batch size. With `infer.planes: axial+coronal`
-   the coronal slices are filled the same way and the two fills averaged.
+   seed, so the result does not depend on the batch size.
 4. `infer.ensemble` independent samples are averaged (the challenge metrics reward the
    conditional mean); their standard deviation is returned as an uncertainty map.
 5. An optional Gaussian post-filter smooths the in-mask result, then the volume is mapped back
@@ -33,10 +32,9 @@ import numpy as np
 import torch
 
 from brainpaint.conditioning import geometry
-from brainpaint.conditioning.geometry import PLANE_AXES, plane_names, to_plane
 from brainpaint.conditioning.inputs import PriorCache, VolumeInputs, volume_inputs
 from brainpaint.conditioning.layout import InputLayout
-from brainpaint.conditioning.target import clip_bound, decode_sample, encode_target
+from brainpaint.conditioning.target import clip_bound, decode_sample
 from brainpaint.config.presets import size_multiple
 from brainpaint.config.settings import MODEL_SECTIONS, Config
 from brainpaint.diffusion.noise import SliceNoise
@@ -174,37 +172,30 @@ class DiffusionInpainter:
         n = cond.shape[0]
         keys = keys if keys is not None else [(i,) for i in range(n)]
         batch = inf.batch_slices or n
-        noise = SliceNoise(seed, member, inf.noise_correlation, self.device)
+        noise = SliceNoise(seed, member, self.device)
         prior = self.data_cfg.prior
         out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
         for start in range(0, n, batch):
             chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(self.device)
-            known = known_mask = None
-            if inf.repaint:
-                b, m = chunk[:, 0:1], chunk[:, 1:2]
-                known = encode_target(b, b, prior)
-                known_mask = 1.0 - m
-            draw = lambda c, k, m, noise_fn: self.diffusion.sample(  # noqa: E731
+            draw = lambda c, noise_fn: self.diffusion.sample(  # noqa: E731
                 self.model,
                 c,
                 sampler=inf.sampler,
                 steps=inf.steps,
                 eta=inf.eta,
                 noise_fn=noise_fn,
-                known=k,
-                known_mask=m,
                 clip_denoised=clip_bound(prior),
                 autocast=self._autocast_dtype(),
                 temperature=inf.temperature,
             )
             chunk_keys = keys[start : start + batch]
-            x0 = draw(chunk, known, known_mask, noise.for_slices(chunk_keys))
+            x0 = draw(chunk, noise.for_slices(chunk_keys))
             if inf.flip_average:
                 # The mirrored slices (first in-plane axis) with the mirrored noise, mirrored back:
                 # a network that were exactly mirror-symmetric would give the same draw twice.
-                turn = lambda t: None if t is None else t.flip(-2)  # noqa: E731
+                turn = lambda t: t.flip(-2)  # noqa: E731
                 mirrored = noise.for_slices(chunk_keys)
-                x0m = draw(turn(chunk), turn(known), turn(known_mask), lambda shape, g=None: turn(mirrored(shape, g)))
+                x0m = draw(turn(chunk), lambda shape, g=None: turn(mirrored(shape, g)))
                 x0 = 0.5 * (x0 + turn(x0m))
             out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
         return out
@@ -225,23 +216,9 @@ class DiffusionInpainter:
         cond = np.stack([self.layout.build(vin, z, box) for z in zs])
         return zs, vin, box, cond
 
-    def planes(self) -> list[str]:
-        """The slice planes filled (`infer.planes`, by default those the weights were trained on)."""
-        return plane_names(self.infer.planes or self.data_cfg.planes)
-
-    def fill_plane(self, data, vin, seed: int, member: int, plane: str) -> np.ndarray:
-        """`fill` on the slices of `plane`, returned in the volume's order of mask voxels."""
-        if plane == "axial":
-            return self.fill(data, vin, seed, member)
-        mask = np.asarray(data.mask, dtype=bool)
-        turned = dataclasses.replace(data, voided=to_plane(data.voided, plane), mask=to_plane(mask, plane))
-        values = np.zeros(turned.mask.shape, np.float32)
-        values[turned.mask] = self.fill(turned, vin.in_plane(plane), seed, member, key=(PLANE_AXES[plane][1],))
-        return to_plane(values, plane)[mask]
-
-    def fill(self, data, vin, seed: int, member: int, key: tuple = ()) -> np.ndarray:
+    def fill(self, data, vin, seed: int, member: int) -> np.ndarray:
         """One member's fill of the mask voxels ([0, 1] scale, the volume's C order); slice z of
-        window w draws its noise from the key (w, z) + `key`."""
+        window w draws its noise from the key (w, z)."""
         mask = np.asarray(data.mask, dtype=bool)
         total = np.zeros(mask.shape, np.float32)
         weights = np.zeros(mask.shape, np.float32)
@@ -249,7 +226,7 @@ class DiffusionInpainter:
             zs, _, _, cond = self.conditioning(data, vin, box)
             if not zs:
                 continue
-            x0 = self.sample_slices(cond, seed, member, keys=[(w, z) + key for z in zs])
+            x0 = self.sample_slices(cond, seed, member, keys=[(w, z) for z in zs])
             images = decode_sample(x0, cond[:, self.layout.index("b")], self.data_cfg.prior)
             weight = np.ones(images.shape[1:], np.float32) if weight is None else weight
             for i, z in enumerate(zs):
@@ -274,10 +251,8 @@ class DiffusionInpainter:
         # Normalised volume: known voxels from the voided image; each member fills the mask.
         base = vin.imap.normalize(data.voided)
         members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)
-        planes = self.planes()
         for k in range(members.shape[0]):
-            # Planes average like ensemble members: each sees the mask across other neighbours.
-            members[k] = np.mean([self.fill_plane(data, vin, seed, k, p) for p in planes], axis=0)
+            members[k] = self.fill(data, vin, seed, k)
 
         mean = base.copy()
         mean[mask] = members.mean(axis=0)

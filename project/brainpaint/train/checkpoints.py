@@ -32,8 +32,7 @@ CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
 # computes: a run may resume, or start from weights, with other values.
 RESUMABLE_KEYS = {
     f"data.{k}"
-    for k in ("flip_prob", "extra_masks_per_volume", "num_workers", "cache_volumes", "cache_dir", "gamma_aug", "bias_aug",
-              "planes")
+    for k in ("flip_prob", "extra_masks_per_volume", "num_workers", "cache_volumes", "cache_dir", "gamma_aug", "bias_aug")
 } | {f"diffusion.{k}" for k in ("loss_weighting", "min_snr_gamma", "terminal_fraction")}
 
 
