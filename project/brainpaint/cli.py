@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -97,7 +98,9 @@ def infer(
     """Inpaint every case under DATA_PATH into OUTPUT_PATH/<ID>-t1n-inference.nii.gz.
 
     Settings: the options below, else the parameters file, else the built-in defaults shown.
-    Exit status 0 when every case succeeded, 1 when any failed, 2 when the run could not start.
+    Exit status 0 when every case succeeded (warnings included), 1 when any failed on its input,
+    2 when the run could not start, 3 when any case hit an internal error (a bug: its traceback
+    is printed, the other cases still run).
     """
     cfg = _config(
         parameters_file,
@@ -201,6 +204,11 @@ def main() -> None:  # console-script entry
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a bug, not bad input: say so under its traceback, with its own status
+        traceback.print_exc()
+        print(f"error: internal error ({type(exc).__name__}), a bug in brainpaint: please report it with the "
+              "traceback above", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from brainpaint.infer.prediction import Prediction
 from brainpaint.infer.smoothing import smooth_in_mask
 from brainpaint.io.brats import from_ras, warn
 from brainpaint.model.devices import select_device
-from brainpaint.model.weights import load_model
+from brainpaint.model.weights import WEIGHTS_FILE_ERRORS, load_model
 from brainpaint.model.weights_path import resolve_weights
 
 
@@ -101,7 +101,7 @@ class DiffusionInpainter:
         self.weights = resolve_weights(self.infer.weights)
         try:
             self.model, self.model_cfg = load_model(self.weights, self.device)
-        except Exception as exc:  # corrupt file, wrong metadata: one clear line
+        except WEIGHTS_FILE_ERRORS as exc:  # corrupt file, wrong metadata: one clear line
             raise InferenceSetupError(f"cannot load weights {self.weights}: {exc}") from exc
         warn_overridden(cfg, self.model_cfg, self.weights)
         self.infer = eps_steps(cfg, self.model_cfg, self.weights)
@@ -262,7 +262,7 @@ class DiffusionInpainter:
         """The prediction of a case, in its own array order (filled in RAS axes)."""
         pred = self.predict_ras(data.in_ras(), seed)
         back = lambda a: None if a is None else from_ras(a, data.affine)  # noqa: E731
-        return Prediction(volume=back(pred.volume), std=back(pred.std), slices=pred.slices)
+        return Prediction(volume=back(pred.volume), std=back(pred.std), slices=pred.slices, warnings=pred.warnings)
 
     @torch.inference_mode()
     def predict_ras(self, data, seed: int) -> Prediction:
@@ -288,4 +288,4 @@ class DiffusionInpainter:
         if members.shape[0] > 1:
             std = np.zeros(mask.shape, dtype=np.float32)
             std[mask] = members.std(axis=0) * np.float32(vin.imap.hi - vin.imap.lo)
-        return Prediction(volume=volume, std=std, slices=int(mask.any(axis=(0, 1)).sum()))
+        return Prediction(volume=volume, std=std, slices=int(mask.any(axis=(0, 1)).sum()), warnings=list(vin.notes))
