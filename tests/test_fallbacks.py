@@ -1,16 +1,19 @@
 """No silent fallback: where a fill falls back on something else (the atlas placed by its box,
 the harmonic solver short of its tolerance, the midline at the grid's centre), the case says so
-in its line, in the summary and in its QA report."""
+in its line, in the summary, in its QA report and, through the Python API, as a warning."""
 from __future__ import annotations
 
 import re
+import warnings
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import optimize
 
 import synth
+from brainpaint import Inpainter
 from brainpaint.conditioning import atlas as atlas_module
 from brainpaint.conditioning import harmonic
 from brainpaint.conditioning.atlas import ATLAS_SHAPE, register
@@ -18,6 +21,7 @@ from brainpaint.conditioning.geometry import midline_shift
 from brainpaint.conditioning.harmonic import harmonic_fill
 from brainpaint.config.settings import Config
 from brainpaint.data.atlas_build import build_atlas
+from brainpaint.errors import FallbackWarning
 from brainpaint.infer.batch import run_infer
 
 HARMONIC = Config().override({"infer.method": "harmonic"})
@@ -117,7 +121,7 @@ def guided_weights(tmp_path_factory):
                               prediction="x0", mirror=True, atlas=atlas, atlas_fit="affine")
 
 
-def test_the_diffusion_path_tells_its_fallbacks_in_the_case_line(tmp_path, guided_weights, capsys):
+def test_the_diffusion_path_tells_its_fallbacks_in_the_case_line_and_the_api(tmp_path, guided_weights, capsys):
     # A small brain: too little of it on the registration's grid, too little on both sides
     # of any midline.
     case = synth.write_case(tmp_path / "data", "small", shape=(20, 20, 12), radius=3, labels=False)
@@ -127,3 +131,10 @@ def test_the_diffusion_path_tells_its_fallbacks_in_the_case_line(tmp_path, guide
     assert re.search(r"^small: ok \(\d+\.\d s, \d+ slices, 2 warnings\) \[1/1\]$", err, re.M), err
     assert "\nwarning: small: midline not found" in err and "\nwarning: small: atlas registration: " in err
     assert err.rstrip().endswith("1 cases: 1 ok (1 with warnings), 0 failed, 0 skipped")
+
+    voided, mask = (nib.load(str(case / f"small-{name}.nii.gz")) for name in ("t1n-voided", "mask"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Inpainter.from_weights(guided_weights, device="cpu")(voided, mask, case_id="small")
+    told = [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
+    assert len(told) == 2 and told[0].startswith("small: midline not found") and told[1].startswith("small: atlas registration: ")
