@@ -16,7 +16,7 @@ import typer
 
 from brainpaint.config.settings import Config, InferConfig, PrepareConfig, TrainConfig
 from brainpaint.data.prepare import run_prepare
-from brainpaint.errors import ConfigError
+from brainpaint.errors import ConfigError, TrainError, one_line
 from brainpaint.infer.batch import run_infer
 from brainpaint.model.weights_path import WEIGHTS_ENV, default_weights
 
@@ -193,10 +193,17 @@ def export(
     checkpoint: Path = typer.Argument(..., help="Training output folder or one checkpoint folder."),
     output: Path = typer.Argument(..., help="safetensors file to write (EMA weights + config metadata)."),
 ) -> None:
-    """Export the EMA weights of a training checkpoint for inference."""
+    """Export the EMA weights of a training checkpoint for inference.
+
+    Exit status 0 when the weights were written, 1 with a one-line error otherwise.
+    """
     from brainpaint.train.export import export_weights  # loads torch: see the module doc
 
-    export_weights(checkpoint, output)
+    try:
+        export_weights(checkpoint, output)
+    except TrainError as exc:
+        typer.echo(f"error: {one_line(exc)}", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:  # console-script entry
