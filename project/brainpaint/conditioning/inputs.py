@@ -7,6 +7,7 @@ residual; `layout.InputLayout.build` cuts one slice's channels out of them. Trai
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,6 +43,13 @@ class VolumeInputs:
         """The same inputs restricted to slices z0 .. z1 - 1."""
         cut = lambda a: None if a is None else np.ascontiguousarray(a[:, :, z0:z1])  # noqa: E731
         return VolumeInputs(self.imap, cut(self.b), cut(self.mask), self.mirror_shift, cut(self.atlas), self.notes)
+
+
+# The version of what `prior_cache` computes (the harmonic fill, the midline, the atlas residual
+# and its placement): bump it whenever one of them changes, and every cache built on an older
+# one (`data.cache_dir`, keyed by `prior_key`) is computed again instead of read (caches of
+# before the version had none in their names: they are never read either).
+PRIOR_VERSION = 1
 
 
 @dataclass
@@ -117,3 +125,16 @@ def prior_cache(
     fill = harmonic_fill(voided, mask)[mask] if mask.any() else np.zeros(0, np.float32)
     residual = None if atlas is None else _case_atlas_residual(atlas, voided, mask, IntensityMap.fit(voided), fit)[mask]
     return PriorCache(fill=fill, shift=midline_shift(voided, (voided != 0) & ~mask), atlas=residual)
+
+
+def prior_key(voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None, fit: str = "box") -> str:
+    """The name under which `prior_cache(voided, mask, atlas, fit)` may be stored: its algorithm
+    (`PRIOR_VERSION`) and its inputs (checksums of the voided volume, the mask and the atlas, and
+    the atlas's fit), so a stored prior is read only where it would be computed the same."""
+    mask = np.asarray(mask, dtype=bool)
+    key = zlib.crc32(np.packbits(mask).tobytes()) ^ zlib.crc32(np.ascontiguousarray(voided).tobytes())
+    name = f"v{PRIOR_VERSION}-{key:08x}"
+    if atlas is not None:
+        name += f"-atlas{zlib.crc32(np.ascontiguousarray(atlas, np.float32).tobytes()):08x}"
+        name += "" if fit == "box" else f"-{fit}"
+    return name
