@@ -36,11 +36,11 @@ from brainpaint.conditioning import geometry
 from brainpaint.conditioning.geometry import PLANE_AXES, plane_names, to_plane
 from brainpaint.conditioning.inputs import PriorCache, VolumeInputs, volume_inputs
 from brainpaint.conditioning.layout import InputLayout
-from brainpaint.conditioning.target import clip_bound, decode_sample, encode_target
+from brainpaint.conditioning.target import decode_sample
 from brainpaint.config.presets import size_multiple
 from brainpaint.config.settings import MODEL_SECTIONS, Config
-from brainpaint.diffusion.noise import SliceNoise
 from brainpaint.diffusion.process import GaussianDiffusion
+from brainpaint.diffusion.sampling import run_settings, sample_slices
 from brainpaint.errors import CaseError, InferenceSetupError
 from brainpaint.infer.prediction import Prediction
 from brainpaint.infer.smoothing import smooth_in_mask
@@ -67,21 +67,14 @@ def warn_overridden(cfg: Config, weights_cfg: Config, weights) -> list[str]:
     return keys
 
 
-# Sampler steps of eps-prediction weights when the parameters leave `infer.steps` at its default
-# (1, the conditional mean of x0/v weights): one step from x_T = 0 cannot reach it through eps.
-EPS_STEPS = 16
-
-
 def eps_steps(cfg: Config, weights_cfg: Config, weights):
-    """The infer settings to run: `cfg.infer`, with EPS_STEPS steps for eps weights unless the
-    parameters chose the steps (said in one line)."""
-    inf = cfg.infer
-    few = inf.steps < EPS_STEPS and "infer.steps" not in cfg.explicit
-    if weights_cfg.diffusion.prediction != "eps" or not few:
-        return inf
-    warn(f"the weights {weights} predict eps, which needs more than {inf.steps} step(s): "
-         f"running {EPS_STEPS} {inf.sampler} steps (set infer.steps to choose)")
-    return dataclasses.replace(inf, steps=EPS_STEPS)
+    """The infer settings to run (`sampling.run_settings`): `cfg.infer`, with EPS_STEPS steps for
+    eps weights unless the parameters chose the steps (said in one line)."""
+    inf = run_settings(cfg.infer, weights_cfg.diffusion.prediction, "infer.steps" in cfg.explicit)
+    if inf.steps != cfg.infer.steps:
+        warn(f"the weights {weights} predict eps, which needs more than {cfg.infer.steps} step(s): "
+             f"running {inf.steps} {inf.sampler} steps (set infer.steps to choose)")
+    return inf
 
 
 # --------------------------------------------------------------------------- the diffusion predictor
@@ -160,54 +153,11 @@ class DiffusionInpainter:
         return [(box, geometry.window_weight(size)) for box in boxes]
 
     # ------------------------------------------------------------------ sampling
-    def _autocast_dtype(self) -> Optional[torch.dtype]:
-        """bf16 for the network on CUDA (the diffusion arithmetic stays float32); never on CPU."""
-        return torch.bfloat16 if self.device.type == "cuda" and self.infer.bf16 else None
-
     def sample_slices(self, cond: np.ndarray, seed: int, member: int, keys: Optional[list] = None) -> np.ndarray:
-        """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space).
-
-        `keys` name the slices (tuples of ints, default (index,)): slice i draws its noise
-        from the seed (seed, member, keys[i]), whatever batch it lands in.
-        """
-        inf = self.infer
-        n = cond.shape[0]
-        keys = keys if keys is not None else [(i,) for i in range(n)]
-        batch = inf.batch_slices or n
-        noise = SliceNoise(seed, member, inf.noise_correlation, self.device)
-        prior = self.data_cfg.prior
-        out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
-        for start in range(0, n, batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(self.device)
-            known = known_mask = None
-            if inf.repaint:
-                b, m = chunk[:, 0:1], chunk[:, 1:2]
-                known = encode_target(b, b, prior)
-                known_mask = 1.0 - m
-            draw = lambda c, k, m, noise_fn: self.diffusion.sample(  # noqa: E731
-                self.model,
-                c,
-                sampler=inf.sampler,
-                steps=inf.steps,
-                eta=inf.eta,
-                noise_fn=noise_fn,
-                known=k,
-                known_mask=m,
-                clip_denoised=clip_bound(prior),
-                autocast=self._autocast_dtype(),
-                temperature=inf.temperature,
-            )
-            chunk_keys = keys[start : start + batch]
-            x0 = draw(chunk, known, known_mask, noise.for_slices(chunk_keys))
-            if inf.flip_average:
-                # The mirrored slices (first in-plane axis) with the mirrored noise, mirrored back:
-                # a network that were exactly mirror-symmetric would give the same draw twice.
-                turn = lambda t: None if t is None else t.flip(-2)  # noqa: E731
-                mirrored = noise.for_slices(chunk_keys)
-                x0m = draw(turn(chunk), turn(known), turn(known_mask), lambda shape, g=None: turn(mirrored(shape, g)))
-                x0 = 0.5 * (x0 + turn(x0m))
-            out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
-        return out
+        """`sampling.sample_slices` of conditioned slices [N, C, H, W] -> x0 [N, H, W] with this
+        predictor's network, diffusion and settings."""
+        return sample_slices(self.diffusion, self.model, cond, self.infer, self.data_cfg.prior, self.device, seed, member,
+                             keys)
 
     # ------------------------------------------------------------------ one case
     def conditioning(self, data, vin=None, box=None):
