@@ -113,6 +113,7 @@ def _voided_and_mask():
     [
         (lambda v, m: (v, m[:, :, :-1]), "volume: shape mismatch: voided (48, 48, 20) vs mask (48, 48, 19)"),
         (lambda v, m: (v, np.zeros_like(m)), "volume: mask is empty"),
+        (lambda v, m: (v, np.ones_like(m)), "volume: mask covers the whole volume: there is no known tissue to fill from"),
         (lambda v, m: (v, m * 2), "volume: mask is not binary (values other than 0/1: 2)"),
         (lambda v, m: (np.where(m > 0, v, np.nan), m), "volume: voided has"),
         (lambda v, m: (v[..., None], m[..., None]), "volume: voided is 4D with shape (48, 48, 20, 1); expected a 3D volume"),

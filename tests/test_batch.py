@@ -198,6 +198,51 @@ def test_a_bug_outside_any_case_is_an_internal_error_of_the_command(tmp_path, ca
                                              "it with the traceback above")
 
 
+def _odd_inputs(root):
+    """Volumes that load but stress the fill: they are filled (with warnings where the fill fell
+    back on something) or fail in one line, on every path; never an internal error."""
+    brain, mask = synth.make_brain().round(), synth.make_mask()
+
+    def case(cid, voided, m, affine=None):
+        folder = root / cid
+        folder.mkdir(parents=True)
+        synth.save(voided, folder / f"{cid}-t1n-voided.nii.gz", affine, np.int16)
+        synth.save(m, folder / f"{cid}-mask.nii.gz", affine, np.uint8)
+
+    for cid, shape, radius in (("tiny-grid", (8, 8, 4), 1), ("narrow-x", (6, 40, 20), 2), ("one-slice", (48, 48, 1), 4)):
+        m = synth.make_mask(shape, radius=radius)
+        case(cid, synth.make_brain(shape).round() * (1 - m), m)
+    case("mask-everywhere", np.zeros_like(brain), np.ones_like(mask))
+    case("no-brain", np.zeros_like(brain), mask)
+    case("flat-brain", (brain > 0) * 500.0 * (1 - mask), mask)
+    corner = synth.make_mask(centre=(0, 0, 0), radius=6)
+    case("mask-at-a-corner", brain * (1 - corner), corner)
+    case("mask-is-the-brain", np.zeros_like(brain), (brain > 0).astype(np.uint8))
+    turned = synth.default_affine()
+    turned[:3, :3] = turned[:3, :3] @ np.array([[0.94, -0.34, 0], [0.34, 0.94, 0], [0, 0, 1]])
+    case("oblique", brain * (1 - mask), mask, turned)
+    return {"mask-everywhere"}  # the cases that fail on their input
+
+
+@pytest.mark.parametrize("method", ["harmonic", "diffusion"])
+def test_odd_inputs_are_filled_or_fail_in_one_line_on_both_paths(tmp_path, capsys, method):
+    from brainpaint.data.atlas_build import build_atlas
+
+    bad = _odd_inputs(tmp_path / "data")
+    cfg = HARMONIC
+    if method == "diffusion":  # weights like the shipped ones: harmonic prior, mirror channels, registered atlas
+        weights = synth.tiny_weights(tmp_path / "w.safetensors", crop_size=16, prior="harmonic", prediction="x0",
+                                     mirror=True, atlas=build_atlas([synth.make_brain(seed=3)]), atlas_fit="affine")
+        cfg = Config().override({"infer.weights": str(weights), "infer.device": "cpu"})
+    assert run_infer(cfg, tmp_path / "data", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err, err
+    failed = {line.split()[0] for line in err.splitlines() if re.match(r"\S+ +failed ", line)}
+    assert failed == bad
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert written == {prediction_name(p.name) for p in (tmp_path / "data").iterdir() if p.name not in bad}
+
+
 def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "out"
     synth.write_case(data, "a", labels=False)
