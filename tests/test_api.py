@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import synth
+from typer.testing import CliRunner
+
 from brainpaint import Inpainter
-from brainpaint.infer.batch import run_infer
+from brainpaint.cli import app
 from brainpaint.io.brats import prediction_name
-from brainpaint.config.settings import Config
 from brainpaint.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,31 +47,43 @@ def _load(case_dir: Path):
 def test_arrays_in_array_out_with_every_known_voxel_kept(inpainter):
     voided = (synth.make_brain() * (1 - synth.make_mask())).round().astype(np.int16)
     mask = synth.make_mask().astype(bool)
-    filled = inpainter(voided, mask)
+    filled = inpainter(voided, mask, affine=synth.default_affine())
     assert isinstance(filled, np.ndarray) and filled.dtype == np.int16 and filled.shape == voided.shape
     assert filled[~mask].tobytes() == voided[~mask].tobytes()
     # The fill was written (the voided input is 0 there) and stays in the input's intensity range.
     assert filled[mask].any() and 0 <= filled[mask].min() and filled[mask].max() <= voided.max()
 
 
-def test_images_in_image_out_equal_to_the_command_line(inpainter, case_dir, weights, tmp_path):
+def test_an_lps_case_fills_the_same_as_arrays_with_its_affine_as_images_and_through_the_command(
+        inpainter, case_dir, weights, tmp_path):
     voided, mask = _load(case_dir)
+    assert nib.aff2axcodes(voided.affine) == ("L", "P", "S")  # stored as BraTS stores its files
     filled = inpainter(voided, mask, case_id=CASE)
     assert isinstance(filled, nib.Nifti1Image)
     np.testing.assert_array_equal(filled.affine, voided.affine)
     assert filled.get_data_dtype() == voided.get_data_dtype()
+    values, inside = np.asanyarray(voided.dataobj), np.asanyarray(mask.dataobj)
+    as_arrays = inpainter(values, inside, affine=voided.affine, case_id=CASE)
+    np.testing.assert_array_equal(as_arrays, np.asanyarray(filled.dataobj))
 
-    cfg = Config().override({"infer.weights": str(weights), "infer.device": "cpu", "infer.steps": 2})
-    assert run_infer(cfg, case_dir.parent, tmp_path / "out") == 0
+    result = CliRunner().invoke(app, ["infer", "--data-path", str(case_dir.parent), "--output-path", str(tmp_path / "out"),
+                                      "--weights", str(weights), "--device", "cpu", "--steps", "2"])
+    assert result.exit_code == 0, result.output
     written = nib.load(str(tmp_path / "out" / prediction_name(CASE)))
     np.testing.assert_array_equal(np.asanyarray(filled.dataobj), np.asanyarray(written.dataobj))
+    # The orientation matters: the same arrays taken as RAS are filled differently ...
+    as_ras = inpainter(values, inside, affine=np.eye(4), case_id=CASE)
+    assert np.abs(as_ras[inside > 0].astype(float) - as_arrays[inside > 0]).max() > 1
+    # ... so arrays without their affine are refused, never guessed.
+    with pytest.raises(InputError, match=rf"^{CASE}: numpy arrays need the affine of their image: pass affine=img.affine"):
+        inpainter(values, inside, case_id=CASE)
 
 
 def test_an_ensemble_returns_its_spread(weights, case_dir):
     voided, mask = _load(case_dir)
     sampler = Inpainter.from_weights(weights, device="cpu", steps=2, temperature=1, ensemble=2)
     values, inside = np.asanyarray(voided.dataobj), np.asanyarray(mask.dataobj).astype(bool)
-    filled, std = sampler(values, inside, return_std=True)
+    filled, std = sampler(values, inside, affine=voided.affine, return_std=True)
     assert std.dtype == np.float32 and std.shape == values.shape
     assert np.all(std[~inside] == 0) and std[inside].mean() > 0
     assert filled[~inside].tobytes() == values[~inside].tobytes()
@@ -99,6 +112,7 @@ def _voided_and_mask():
     [
         (lambda v, m: (v, m[:, :, :-1]), "volume: shape mismatch: voided (48, 48, 20) vs mask (48, 48, 19)"),
         (lambda v, m: (v, np.zeros_like(m)), "volume: mask is empty"),
+        (lambda v, m: (v, np.ones_like(m)), "volume: mask covers the whole volume: there is no known tissue to fill from"),
         (lambda v, m: (v, m * 2), "volume: mask is not binary (values other than 0/1: 2)"),
         (lambda v, m: (np.where(m > 0, v, np.nan), m), "volume: voided has"),
         (lambda v, m: (v[..., None], m[..., None]), "volume: voided is 4D with shape (48, 48, 20, 1); expected a 3D volume"),
@@ -108,8 +122,24 @@ def _voided_and_mask():
 def test_bad_input_is_a_one_line_value_error(inpainter, change, message):
     voided, mask = change(*_voided_and_mask())
     with pytest.raises(ValueError) as err:
-        inpainter(voided, mask)
+        inpainter(voided, mask, affine=np.eye(4))
     assert isinstance(err.value, InputError) and str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("affine", [None, np.eye(3), np.zeros((4, 4)), np.full((4, 4), np.nan), "RAS"])
+def test_arrays_without_a_usable_affine_are_refused(inpainter, affine):
+    with pytest.raises(InputError) as err:
+        inpainter(*_voided_and_mask(), affine=affine)
+    message = str(err.value)
+    assert message.startswith("volume: ") and "affine" in message and "\n" not in message
+
+
+def test_an_affine_that_contradicts_the_images_is_refused(inpainter, case_dir):
+    voided, mask = _load(case_dir)
+    np.testing.assert_array_equal(np.asanyarray(inpainter(voided, mask, affine=voided.affine).dataobj),
+                                  np.asanyarray(inpainter(voided, mask).dataobj))
+    with pytest.raises(InputError, match="^volume: affine= differs from the nibabel image's own affine$"):
+        inpainter(voided, mask, affine=np.eye(4))
 
 
 def test_images_on_different_grids_and_wrong_requests_are_errors(inpainter, case_dir):

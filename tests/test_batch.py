@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,11 +117,130 @@ def test_a_crashing_predictor_does_not_stop_other_cases(tmp_path, capsys):
             raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
         return Prediction(case_data.voided + 1.0, slices=3)
 
-    assert run_infer(HARMONIC, data, out, predictor=predictor) == 1
+    assert run_infer(HARMONIC, data, out, predictor=predictor) == 3  # not the input's fault: an internal error
     assert _names(out) == [prediction_name("a"), prediction_name("c")]
     err = capsys.readouterr().err
-    assert "error: b: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB" in err
+    assert ("error: b: internal error, not a problem of the input: RuntimeError: CUDA out of memory. "
+            "Tried to allocate 2 GiB [2/3]") in err
+    assert "Traceback (most recent call last):" in err and err.rstrip().endswith("3 cases: 2 ok, 0 failed, 1 internal error, 0 skipped")
     assert seeds == {cid: case_seed(0, cid) for cid in ("a", "b", "c")}
+
+
+def _fails_on_the_second_call(monkeypatch, target: str, error: Exception):
+    """Patch `module.function` to raise `error` on its second call (the second case of a run)."""
+    module_name, name = target.rsplit(".", 1)
+    module = __import__(module_name, fromlist=[name])
+    real, calls = getattr(module, name), []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, patched)
+
+
+@pytest.mark.parametrize(
+    "method, target, error",
+    [
+        ("harmonic", "brainpaint.infer.prediction.harmonic_fill", ZeroDivisionError("float division by zero")),
+        ("diffusion", "brainpaint.infer.inpainter.volume_inputs", AttributeError("'NoneType' object has no attribute 'b'")),
+    ],
+)
+def test_a_bug_deep_in_a_case_is_an_internal_error_with_its_traceback(tmp_path, capsys, monkeypatch, method, target, error):
+    data, out = tmp_path / "data", tmp_path / "out"
+    for cid in ("a", "b", "c"):
+        synth.write_case(data, cid, labels=False)
+    cfg = HARMONIC
+    if method == "diffusion":
+        weights = synth.tiny_weights(tmp_path / "w.safetensors", prediction="x0")
+        cfg = Config().override({"infer.weights": str(weights), "infer.device": "cpu"})
+    _fails_on_the_second_call(monkeypatch, target, error)
+    assert run_infer(cfg, data, out) == 3
+    assert _names(out) == [prediction_name("a"), prediction_name("c")]  # nothing of b, not even a temporary
+    err = capsys.readouterr().err
+    kind = type(error).__name__
+    assert f"\nerror: b: internal error, not a problem of the input: {kind}: {error} [2/3]\nTraceback (most recent call last):" in err
+    assert f"\n{kind}: {error}\nc: ok (" in err  # the traceback ends where c begins
+    assert re.search(r"^b +internal ", err, re.M) and err.rstrip().endswith("3 cases: 2 ok, 0 failed, 1 internal error, 0 skipped")
+
+
+def test_an_input_error_and_an_internal_error_in_one_run_exit_with_the_internal_status(tmp_path, capsys):
+    data = tmp_path / "data"
+    for cid in ("a", "b"):
+        synth.write_case(data, cid, labels=False)
+    synth.save(synth.make_mask() * 3, data / "a" / "a-mask.nii.gz", dtype=np.uint8)
+
+    def predictor(case_data, seed):
+        raise KeyError("slices")
+
+    assert run_infer(HARMONIC, data, tmp_path / "out", predictor=predictor) == 3
+    err = capsys.readouterr().err
+    assert "error: a: a-mask.nii.gz is not binary" in err and "error: b: internal error" in err
+    assert err.rstrip().endswith("2 cases: 0 ok, 1 failed, 1 internal error, 0 skipped")
+
+
+def test_a_bug_outside_any_case_is_an_internal_error_of_the_command(tmp_path, capsys, monkeypatch):
+    from brainpaint import cli
+    from brainpaint.infer import batch
+
+    synth.write_case(tmp_path / "data", "a", labels=False)
+    monkeypatch.setattr(batch, "make_predictor", lambda cfg: cfg.infer.no_such_setting)
+    monkeypatch.setattr(sys, "argv", ["brainpaint", "infer", "--data-path", str(tmp_path / "data"), "--output-path",
+                                      str(tmp_path / "out"), "--method", "harmonic"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last):" in err and "AttributeError" in err
+    assert err.rstrip().splitlines()[-1] == ("error: internal error (AttributeError), a bug in brainpaint: please report "
+                                             "it with the traceback above")
+
+
+def _odd_inputs(root):
+    """Volumes that load but stress the fill: they are filled (with warnings where the fill fell
+    back on something) or fail in one line, on every path; never an internal error."""
+    brain, mask = synth.make_brain().round(), synth.make_mask()
+
+    def case(cid, voided, m, affine=None):
+        folder = root / cid
+        folder.mkdir(parents=True)
+        synth.save(voided, folder / f"{cid}-t1n-voided.nii.gz", affine, np.int16)
+        synth.save(m, folder / f"{cid}-mask.nii.gz", affine, np.uint8)
+
+    for cid, shape, radius in (("tiny-grid", (8, 8, 4), 1), ("narrow-x", (6, 40, 20), 2), ("one-slice", (48, 48, 1), 4)):
+        m = synth.make_mask(shape, radius=radius)
+        case(cid, synth.make_brain(shape).round() * (1 - m), m)
+    case("mask-everywhere", np.zeros_like(brain), np.ones_like(mask))
+    case("no-brain", np.zeros_like(brain), mask)
+    case("flat-brain", (brain > 0) * 500.0 * (1 - mask), mask)
+    corner = synth.make_mask(centre=(0, 0, 0), radius=6)
+    case("mask-at-a-corner", brain * (1 - corner), corner)
+    case("mask-is-the-brain", np.zeros_like(brain), (brain > 0).astype(np.uint8))
+    turned = synth.default_affine()
+    turned[:3, :3] = turned[:3, :3] @ np.array([[0.94, -0.34, 0], [0.34, 0.94, 0], [0, 0, 1]])
+    case("oblique", brain * (1 - mask), mask, turned)
+    return {"mask-everywhere"}  # the cases that fail on their input
+
+
+@pytest.mark.parametrize("method", ["harmonic", "diffusion"])
+def test_odd_inputs_are_filled_or_fail_in_one_line_on_both_paths(tmp_path, capsys, method):
+    from brainpaint.data.atlas_build import build_atlas
+
+    bad = _odd_inputs(tmp_path / "data")
+    cfg = HARMONIC
+    if method == "diffusion":  # weights like the shipped ones: harmonic prior, mirror channels, registered atlas
+        weights = synth.tiny_weights(tmp_path / "w.safetensors", crop_size=16, prior="harmonic", prediction="x0",
+                                     mirror=True, atlas=build_atlas([synth.make_brain(seed=3)]), atlas_fit="affine")
+        cfg = Config().override({"infer.weights": str(weights), "infer.device": "cpu"})
+    assert run_infer(cfg, tmp_path / "data", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err, err
+    failed = {line.split()[0] for line in err.splitlines() if re.match(r"\S+ +failed ", line)}
+    assert failed == bad
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert written == {prediction_name(p.name) for p in (tmp_path / "data").iterdir() if p.name not in bad}
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, capsys):

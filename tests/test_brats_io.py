@@ -134,6 +134,12 @@ def test_empty_mask(tmp_path):
     assert _error(tmp_path) == f"{CID}: {CID}-mask.nii.gz is empty"
 
 
+def test_a_mask_over_the_whole_volume_is_an_error(tmp_path):
+    folder = synth.write_case(tmp_path, CID, labels=False)
+    synth.save(np.ones(synth.SMALL_SHAPE), folder / f"{CID}-mask.nii.gz", dtype=np.uint8)
+    assert _error(tmp_path) == f"{CID}: {CID}-mask.nii.gz covers the whole volume: there is no known tissue to fill from"
+
+
 def test_empty_healthy_mask(tmp_path):
     folder = synth.write_case(tmp_path, CID, labels=True)
     synth.save(np.zeros(synth.SMALL_SHAPE), folder / f"{CID}-mask-healthy.nii.gz", dtype=np.uint8)
@@ -195,7 +201,7 @@ def test_non_1mm_spacing_warns_and_proceeds(tmp_path, capsys):
     data = _load_one(tmp_path)
     assert data.voided.shape == synth.SMALL_SHAPE
     err = capsys.readouterr().err
-    assert f"warning: {CID}: {CID}-t1n-voided.nii.gz has voxel spacing" in err and "not 1 mm" in err
+    assert f"warning: {CID}: {CID}-t1n-voided.nii.gz has voxel spacing (1.2, 1.2, 2) mm, not 1 mm" in err
 
 
 def test_1mm_spacing_is_silent(tmp_path, capsys):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 import pytest
 import typer.main
 from typer.testing import CliRunner
@@ -129,3 +131,27 @@ def test_interactive_means_a_terminal():
             return True
 
     assert progress.interactive(Tty()) and not progress.interactive(object())
+
+
+@pytest.mark.parametrize("source, message", [
+    ("absent", "absent is not a folder: give a training run's output folder or one of its checkpoints"),
+    ("run", "no checkpoint found in"),
+    ("broken", "ema.safetensors: "),
+    ("good", "cannot write"),
+])
+def test_export_problems_are_one_line_errors(tmp_path, source, message):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "run").mkdir()  # a run folder without checkpoints
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "ema.safetensors").write_bytes(b"not a weights file")
+    (tmp_path / "good").mkdir()
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "good" / "ema.safetensors"))
+    (tmp_path / "file").write_text("x")  # the output's folder is a file: nothing can be written there
+    result = _run("export", str(tmp_path / source), str(tmp_path / "file" / "model.safetensors"))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    if source == "good":  # the same checkpoint, copied under its own name, exports to a usable place
+        assert _run("export", str(tmp_path / source), str(tmp_path / "out" / "model.safetensors")).exit_code == 0
+        assert (tmp_path / "out" / "model.safetensors").is_file()

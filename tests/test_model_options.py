@@ -200,6 +200,24 @@ def test_prior_cache_folder_is_filled_once_and_gives_the_same_samples(tmp_path):
         torch.testing.assert_close(x["x0"], a["x0"], rtol=0, atol=1e-6)
 
 
+def test_a_new_prior_version_computes_the_prior_again_instead_of_reading_the_old_cache(tmp_path, monkeypatch):
+    from brainpaint.conditioning import inputs
+
+    synth.write_case(tmp_path / "d", "a", seed=0, radius=4)
+    cfg = Config.from_dict({"data": {"crop_size": 16, "mirror": True, "prior": "harmonic", "cache_dir": str(tmp_path / "c")}})
+    pair = SliceDataset(tmp_path / "d", cfg).pairs[2]
+    sample = lambda: SliceDataset(tmp_path / "d", cfg).sample(pair, random.Random(0), augment=False)["cond"]  # noqa: E731
+    computed = sample()
+    (entry,) = (tmp_path / "c").glob("*.npz")
+    assert f"-v{inputs.PRIOR_VERSION}-" in entry.name
+    with np.load(entry) as stored:  # an entry of an older fill, under the same version: read as it is
+        np.savez(entry, fill=stored["fill"] + 100.0, shift=stored["shift"])
+    assert not torch.equal(sample(), computed)
+    monkeypatch.setattr(inputs, "PRIOR_VERSION", inputs.PRIOR_VERSION + 1)  # the fill's algorithm changed
+    torch.testing.assert_close(sample(), computed, rtol=0, atol=0)  # computed again, not read
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 2
+
+
 # --------------------------------------------------------------------------- windows
 def test_windows_have_the_training_size_and_cover_the_mask():
     mask = np.zeros((240, 240, 5), bool)

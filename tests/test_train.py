@@ -110,7 +110,7 @@ def test_overfits_one_case_and_exports_weights_that_learned(tmp_path):
 def test_validation_writes_a_png_grid_and_metrics(tmp_path, data):
     from PIL import Image
 
-    cfg = _cfg(train={"max_steps": 2, "val_every": 2, "val_slices": 3, "val_steps": 3, "save_every": 100})
+    cfg = _cfg(train={"max_steps": 2, "val_every": 2, "val_slices": 3, "save_every": 100})
     out = tmp_path / "out"
     assert run_train(cfg, data, out) == 0
     png = out / "validation" / "step_00000002.png"
@@ -124,6 +124,21 @@ def test_validation_writes_a_png_grid_and_metrics(tmp_path, data):
     ssim, psnr = validator.run(ema_model, GaussianDiffusion(saved.diffusion), 2, tmp_path / "again")
     assert float(val[0]["val_ssim"]) == pytest.approx(ssim, rel=1e-5)
     assert float(val[0]["val_psnr"]) == pytest.approx(psnr, rel=1e-5)
+    # They are what inference makes of those slices with its defaults: `brainpaint infer`'s
+    # predictor on the exported weights samples them to the same fills.
+    from brainpaint.conditioning.target import decode_sample
+    from brainpaint.infer.inpainter import DiffusionInpainter
+
+    inpainter = DiffusionInpainter(Config.from_dict({"infer": {"weights": str(out / "model.safetensors"), "device": "cpu"}}))
+    calls = []
+    real = inpainter.diffusion.sample
+    inpainter.diffusion.sample = lambda *a, **k: calls.append(k) or real(*a, **k)
+    x0 = inpainter.sample_slices(validator.cond.numpy(), seed=0, member=0)
+    b = validator.cond[:, 0:1]
+    users = masked_ssim_psnr(decode_sample(torch.from_numpy(x0)[:, None], b, "none"), decode_sample(validator.x0, b, "none"),
+                             validator.cond[:, 1:2])
+    assert users == pytest.approx((float(val[0]["val_ssim"]), float(val[0]["val_psnr"])), rel=1e-5)
+    assert [(k["sampler"], k["steps"], k["temperature"]) for k in calls] == [("ddim", inpainter.infer.steps, 0.0)] * 2
 
 
 class _Returns:
@@ -138,7 +153,7 @@ class _Returns:
 
 
 def test_validation_scores_are_the_known_answer(tmp_path, data):
-    cfg = _cfg(train={"val_slices": 3})
+    cfg = _cfg(train={"val_slices": 3}, infer={"flip_average": False})  # the sampler's answer as it is
     validator = Validator(SliceDataset(data, cfg, augment=False), cfg, torch.device("cpu"))
     perfect = validator.run(None, _Returns(validator.x0), 7, tmp_path)
     assert perfect[0] == pytest.approx(1.0, abs=1e-6) and perfect[1] == pytest.approx(120.0)  # MSE floor 1e-12

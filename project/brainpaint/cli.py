@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,7 @@ import typer
 
 from brainpaint.config.settings import Config, InferConfig, PrepareConfig, TrainConfig
 from brainpaint.data.prepare import run_prepare
-from brainpaint.errors import ConfigError
+from brainpaint.errors import ConfigError, TrainError, one_line
 from brainpaint.infer.batch import run_infer
 from brainpaint.model.weights_path import WEIGHTS_ENV, default_weights
 
@@ -97,7 +98,9 @@ def infer(
     """Inpaint every case under DATA_PATH into OUTPUT_PATH/<ID>-t1n-inference.nii.gz.
 
     Settings: the options below, else the parameters file, else the built-in defaults shown.
-    Exit status 0 when every case succeeded, 1 when any failed, 2 when the run could not start.
+    Exit status 0 when every case succeeded (warnings included), 1 when any failed on its input,
+    2 when the run could not start, 3 when any case hit an internal error (a bug: its traceback
+    is printed, the other cases still run).
     """
     cfg = _config(
         parameters_file,
@@ -197,10 +200,17 @@ def export(
     checkpoint: Path = typer.Argument(..., help="Training output folder or one checkpoint folder."),
     output: Path = typer.Argument(..., help="safetensors file to write (EMA weights + config metadata)."),
 ) -> None:
-    """Export the EMA weights of a training checkpoint for inference."""
+    """Export the EMA weights of a training checkpoint for inference.
+
+    Exit status 0 when the weights were written, 1 with a one-line error otherwise.
+    """
     from brainpaint.train.export import export_weights  # loads torch: see the module doc
 
-    export_weights(checkpoint, output)
+    try:
+        export_weights(checkpoint, output)
+    except TrainError as exc:
+        typer.echo(f"error: {one_line(exc)}", err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:  # console-script entry
@@ -208,6 +218,11 @@ def main() -> None:  # console-script entry
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a bug, not bad input: say so under its traceback, with its own status
+        traceback.print_exc()
+        print(f"error: internal error ({type(exc).__name__}), a bug in brainpaint: please report it with the "
+              "traceback above", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,9 @@ class TrainError(RuntimeError):
 
 class DeviceError(InferenceSetupError, TrainError):
     """A device setting this machine cannot honour: a set-up error of inference and training alike."""
+
+
+class FallbackWarning(UserWarning):
+    """The Python API's warning for a fill that fell back on something else (atlas placed by its
+    box, solver short of its tolerance, midline at the grid's centre); `brainpaint infer` prints
+    the same lines under the case's line."""

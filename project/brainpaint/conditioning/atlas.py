@@ -116,11 +116,12 @@ def _sample(atlas: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return ndimage.map_coordinates(atlas, coords.T, order=1, mode="nearest")
 
 
-def register(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray) -> Optional[Placement]:
+def register(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray,
+             notes: Optional[list[str]] = None) -> Optional[Placement]:
     """The affine placement of the atlas that best correlates with the case's known brain
     voxels (`brain` without the `mask` grown by 2 voxels; `b` on any linear scale), searched
     from the box placement; the box placement where the search does not improve on it; None
-    for an empty brain."""
+    for an empty brain. `notes` is told of every fallback and of a search that did not converge."""
     box = brain_box(brain)
     if box is None:
         return None
@@ -129,6 +130,8 @@ def register(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarr
     grid[::REGISTER_STEP, ::REGISTER_STEP, ::REGISTER_STEP] = True
     points = np.argwhere(known & grid).astype(np.float64)
     if len(points) < 100:
+        _note(notes, f"atlas registration: {len(points)} known brain voxels on its {REGISTER_STEP}-voxel grid, "
+                     "under 100: the atlas is placed by the brain's bounding box")
         return Placement(box)
     y = np.asarray(b, np.float64)[tuple(points.T.astype(int))]
     y -= y.mean()
@@ -144,9 +147,17 @@ def register(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarr
     start = np.zeros(9)
     found = optimize.minimize(cost, start, method="Powell", bounds=REGISTER_BOUNDS,
                               options={"xtol": 1e-3, "ftol": 1e-5, "maxfev": 3000})
+    if not found.success:
+        _note(notes, f"atlas registration did not converge ({found.message.rstrip('.')}): its best placement is used")
     if not found.fun < cost(start):
+        _note(notes, "atlas registration found no placement better than the brain's bounding box: the box is used")
         return Placement(box)
     return Placement(box, *_affine(found.x, centre))
+
+
+def _note(notes: Optional[list[str]], line: str) -> None:
+    if notes is not None:
+        notes.append(line)
 
 
 def place(atlas: np.ndarray, placement: Placement, shape: tuple[int, ...]) -> np.ndarray:
@@ -159,33 +170,40 @@ def place(atlas: np.ndarray, placement: Placement, shape: tuple[int, ...]) -> np
     return _sample(atlas, placement.to_atlas(points)).reshape(shape).astype(np.float32)
 
 
-def case_atlas(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray, fit: str = "box") -> Optional[np.ndarray]:
-    """The atlas on the case grid by the `fit` of `data.atlas_fit` (None for an empty brain)."""
+def case_atlas(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray, fit: str = "box",
+               notes: Optional[list[str]] = None) -> Optional[np.ndarray]:
+    """The atlas on the case grid by the `fit` of `data.atlas_fit` (None for an empty brain);
+    `notes` as in `register`."""
     if fit not in ATLAS_FITS:
         raise ValueError(f"atlas fit must be one of {ATLAS_FITS}, got {fit!r}")
-    placement = register(atlas, b, mask, brain) if fit == "affine" else (
+    placement = register(atlas, b, mask, brain, notes) if fit == "affine" else (
         None if brain_box(brain) is None else Placement(brain_box(brain)))
     return None if placement is None else place(atlas, placement, np.shape(mask))
 
 
-def atlas_residual(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray, fit: str = "box") -> np.ndarray:
+def atlas_residual(atlas: np.ndarray, b: np.ndarray, mask: np.ndarray, brain: np.ndarray, fit: str = "box",
+                   notes: Optional[list[str]] = None) -> np.ndarray:
     """What the atlas holds inside `mask` beyond its own harmonic fill, on the case's scale.
 
     `b` is the case's normalised volume (known voxels are what counts), `brain` its brain
     (non-zero voided voxels or the mask), `fit` how the atlas is placed (`case_atlas`). Zero
-    outside the mask. Returns float32 [X, Y, Z].
+    outside the mask. Returns float32 [X, Y, Z]. `notes` is told of every fallback.
     """
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros(mask.shape, np.float32)
     if not mask.any():
         return out
-    scaled = case_atlas(atlas, b, mask, brain, fit)
+    scaled = case_atlas(atlas, b, mask, brain, fit, notes)
     if scaled is None:
+        _note(notes, "atlas not placed (no brain voxels): no atlas residual is used")
         return out
     known = np.asarray(brain, bool) & ~mask
     a, y = scaled[known][::FIT_STRIDE], np.asarray(b, np.float32)[known][::FIT_STRIDE]
     if a.size >= 2 and np.ptp(a) > 0:
         slope, offset = np.polyfit(a.astype(np.float64), y.astype(np.float64), 1)
         scaled = (scaled * np.float32(slope) + np.float32(offset)).astype(np.float32)
-    out[mask] = scaled[mask] - harmonic_fill(scaled, mask)[mask]
+    solver: list[str] = []
+    out[mask] = scaled[mask] - harmonic_fill(scaled, mask, notes=solver)[mask]
+    for line in solver:
+        _note(notes, f"atlas residual: {line}")
     return out

@@ -22,6 +22,7 @@ network can look at the other hemisphere.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -216,6 +217,8 @@ def mirror_x(volume: np.ndarray, shift: int) -> np.ndarray:
     flipped = volume[::-1]
     out = np.zeros_like(volume)
     n = volume.shape[0]
+    if abs(shift) >= n:  # a grid narrower than the shift: every source lies off it
+        return out
     if shift >= 0:
         out[: n - shift] = flipped[shift:]
     else:
@@ -223,13 +226,14 @@ def mirror_x(volume: np.ndarray, shift: int) -> np.ndarray:
     return out
 
 
-def midline_shift(volume: np.ndarray, known: np.ndarray, max_shift: int = MAX_MIDLINE_SHIFT) -> int:
+def midline_shift(volume: np.ndarray, known: np.ndarray, max_shift: int = MAX_MIDLINE_SHIFT,
+                  notes: Optional[list[str]] = None) -> int:
     """The reflection `shift` (see `mirror_x`) under which a volume best matches itself.
 
     The correlation of the volume with its mirror image is taken over voxels known on both
     sides (`known`: brain outside the region to fill), on a grid subsampled by 2 in y and z,
     for every integer shift in [-max_shift, max_shift] (the midline plane to half a voxel).
-    Fewer than 1000 common voxels, or a flat volume, give 0: the grid's centre.
+    Fewer than 1000 common voxels, or a flat volume, give 0: the grid's centre (said in `notes`).
     """
     vol = np.asarray(volume, dtype=np.float32)[:, ::2, ::2]
     known = np.asarray(known, dtype=bool)[:, ::2, ::2]
@@ -243,4 +247,7 @@ def midline_shift(volume: np.ndarray, known: np.ndarray, max_shift: int = MAX_MI
         denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
         if denom > 0 and float((a * b).sum()) / denom > best:
             best, best_shift = float((a * b).sum()) / denom, shift
+    if best == -np.inf and notes is not None:
+        notes.append("midline not found (under 1000 brain voxels known on both sides at every shift, or no "
+                     "contrast there): the mirror channels reflect about the grid's centre")
     return best_shift

@@ -15,9 +15,12 @@ Solver. Only the mask voxels are unknowns, so the system has one row per mask vo
 few hundred thousand). The matrix is the graph Laplacian restricted to the mask, symmetric
 positive definite whenever any known voxel exists, and is solved with conjugate gradients
 (scipy.sparse), started from the mean of the boundary values. The tolerance is far below the
-resolution of any on-disk dtype.
+resolution of any on-disk dtype. Should the solver stop at `MAX_ITER` iterations short of it,
+its last iterate (a smooth, bounded estimate) is used, and `notes` is told so.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 from scipy import sparse
@@ -60,9 +63,10 @@ def laplacian_system(volume: np.ndarray, mask: np.ndarray) -> tuple[sparse.csr_m
     return (sparse.diags(degree) - adjacency).tocsr(), rhs, flat
 
 
-def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL) -> np.ndarray:
+def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL, notes: Optional[list[str]] = None) -> np.ndarray:
     """Return a float32 copy of `volume` whose voxels inside `mask` solve Laplace's equation with
-    the voxels outside as boundary values; voxels outside the mask are unchanged."""
+    the voxels outside as boundary values; voxels outside the mask are unchanged. A solve that
+    stops short of `rtol` adds a line saying so to `notes`."""
     volume = np.asarray(volume)
     mask = np.asarray(mask, dtype=bool)
     if volume.shape != mask.shape:
@@ -79,9 +83,13 @@ def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL) -> n
     known_links = diag.sum() - (A.nnz - b.size)
     x0 = np.full(b.size, b.sum() / max(known_links, 1.0))
     jacobi = splinalg.LinearOperator(A.shape, matvec=lambda r: r / diag, dtype=np.float64)
-    # Should MAX_ITER ever be hit, the iterate is still a smooth, bounded estimate: use it.
     # The vectors are short: BLAS threads only contend (3x slower beside a busy torch or another job).
     with threadpool_limits(1, user_api="blas"):
-        u, _ = splinalg.cg(A, b, x0=x0, rtol=rtol, atol=0.0, maxiter=MAX_ITER, M=jacobi)
+        u, info = splinalg.cg(A, b, x0=x0, rtol=rtol, atol=0.0, maxiter=MAX_ITER, M=jacobi)
+    if info != 0 and notes is not None:
+        residual = float(np.linalg.norm(b - A @ u) / max(float(np.linalg.norm(b)), 1e-30))
+        how = f"after {info} iterations" if info > 0 else "on a breakdown"
+        notes.append(f"harmonic fill of {b.size} voxels did not converge: the solver stopped {how} at relative "
+                     f"residual {residual:.1e} (tolerance {rtol:g}); its last iterate is used")
     out[mask] = u.astype(np.float32)  # boolean indexing walks voxels in C order, like `flat`
     return out

@@ -7,7 +7,8 @@ residual; `layout.InputLayout.build` cuts one slice's channels out of them. Trai
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -23,18 +24,27 @@ class VolumeInputs:
     """Network-scale inputs of one (volume, mask): `b` and `mask` are [X, Y, Z] (float32 or,
     in the training cache, a byte mask); `mirror_shift` is the midline of the mirrored channels
     (`geometry.mirror_x`), None without `data.mirror`; `atlas` the atlas residual
-    (`atlas.atlas_residual`, [X, Y, Z]), None without `model.atlas`."""
+    (`atlas.atlas_residual`, [X, Y, Z]), None without `model.atlas`. `notes` says, one line
+    each, where building them fell back on something else (registration, solver, midline)."""
 
     imap: IntensityMap
     b: np.ndarray
     mask: np.ndarray
     mirror_shift: Optional[int] = None
     atlas: Optional[np.ndarray] = None
+    notes: list[str] = field(default_factory=list)
 
     def z_range(self, z0: int, z1: int) -> "VolumeInputs":
         """The same inputs restricted to slices z0 .. z1 - 1."""
         cut = lambda a: None if a is None else np.ascontiguousarray(a[:, :, z0:z1])  # noqa: E731
-        return VolumeInputs(self.imap, cut(self.b), cut(self.mask), self.mirror_shift, cut(self.atlas))
+        return VolumeInputs(self.imap, cut(self.b), cut(self.mask), self.mirror_shift, cut(self.atlas), self.notes)
+
+
+# The version of what `prior_cache` computes (the harmonic fill, the midline, the atlas residual
+# and its placement): bump it whenever one of them changes, and every cache built on an older
+# one (`data.cache_dir`, keyed by `prior_key`) is computed again instead of read (caches of
+# before the version had none in their names: they are never read either).
+PRIOR_VERSION = 1
 
 
 @dataclass
@@ -61,15 +71,15 @@ def volume_inputs(
     (`model.atlas`) its residual over its own harmonic fill is computed
     (`atlas.atlas_residual`), and `data.atlas_gain` times it is added to the fill in `b`.
     `known` passes a fill, midline or atlas residual computed before (training caches,
-    repeated scoring of the same case).
+    repeated scoring of the same case). Fallbacks on the way are listed in `VolumeInputs.notes`.
     """
-    known = known or PriorCache()
+    known, notes = known or PriorCache(), []
     mask = np.asarray(mask, dtype=bool)
     voided = np.asarray(voided, dtype=np.float32)
     imap = IntensityMap.fit(voided)
     if data_cfg.prior == "harmonic" and mask.any():
         if known.fill is None:
-            filled = harmonic_fill(voided, mask)
+            filled = harmonic_fill(voided, mask, notes=notes)
         else:
             filled = voided.copy()
             filled[mask] = known.fill
@@ -79,25 +89,25 @@ def volume_inputs(
         b[mask] = 0.0
     shift = None
     if data_cfg.mirror:
-        shift = midline_shift(voided, (voided != 0) & ~mask) if known.shift is None else int(known.shift)
+        shift = midline_shift(voided, (voided != 0) & ~mask, notes=notes) if known.shift is None else int(known.shift)
     residual = None
     if atlas is not None:
         if known.atlas is None:
-            residual = _case_atlas_residual(atlas, voided, mask, imap, data_cfg.atlas_fit)
+            residual = _case_atlas_residual(atlas, voided, mask, imap, data_cfg.atlas_fit, notes)
         else:
             residual = np.zeros(mask.shape, np.float32)
             residual[mask] = known.atlas
         if data_cfg.atlas_gain:  # the atlas-guided fill (the residual is zero outside the mask)
             b = np.clip(b + np.float32(data_cfg.atlas_gain) * residual, 0.0, 1.0)
-    return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift, residual)
+    return VolumeInputs(imap, np.ascontiguousarray(b, dtype=np.float32), mask.astype(np.float32), shift, residual, notes)
 
 
 def _case_atlas_residual(
-    atlas: np.ndarray, voided: np.ndarray, mask: np.ndarray, imap: IntensityMap, fit: str = "box"
+    atlas: np.ndarray, voided: np.ndarray, mask: np.ndarray, imap: IntensityMap, fit: str = "box", notes=None
 ) -> np.ndarray:
     """`atlas.atlas_residual` of a voided volume: its known voxels on the network scale, its brain
     the non-zero voxels and the mask, the atlas placed by `fit` (`data.atlas_fit`)."""
-    return atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask, fit)
+    return atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask, fit, notes)
 
 
 def prior_cache(
@@ -110,3 +120,16 @@ def prior_cache(
     fill = harmonic_fill(voided, mask)[mask] if mask.any() else np.zeros(0, np.float32)
     residual = None if atlas is None else _case_atlas_residual(atlas, voided, mask, IntensityMap.fit(voided), fit)[mask]
     return PriorCache(fill=fill, shift=midline_shift(voided, (voided != 0) & ~mask), atlas=residual)
+
+
+def prior_key(voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None, fit: str = "box") -> str:
+    """The name under which `prior_cache(voided, mask, atlas, fit)` may be stored: its algorithm
+    (`PRIOR_VERSION`) and its inputs (checksums of the voided volume, the mask and the atlas, and
+    the atlas's fit), so a stored prior is read only where it would be computed the same."""
+    mask = np.asarray(mask, dtype=bool)
+    key = zlib.crc32(np.packbits(mask).tobytes()) ^ zlib.crc32(np.ascontiguousarray(voided).tobytes())
+    name = f"v{PRIOR_VERSION}-{key:08x}"
+    if atlas is not None:
+        name += f"-atlas{zlib.crc32(np.ascontiguousarray(atlas, np.float32).tobytes()):08x}"
+        name += "" if fit == "box" else f"-{fit}"
+    return name

@@ -302,7 +302,6 @@ class TrainConfig(_Section):
     channels_last: bool = False
     seed: int = 0
     device: str = "auto"  # "auto" (this rank's GPU when available, else CPU), "cpu", "cuda:N"
-    val_steps: int = setting(20, ge=1)  # DDIM steps when sampling the validation slices
     # Warm start: an exported weights file whose network is the one configured here; a fresh
     # run (no checkpoint to resume) starts its model and EMA from it, with a new optimizer.
     init_weights: Optional[str] = None
@@ -395,10 +394,6 @@ class Config:
         self.explicit: frozenset[str] = frozenset()
         if self.data.atlas_gain and not (self.model.atlas and self.data.prior == "harmonic"):
             raise ConfigError("data.atlas_gain needs model.atlas: true and data.prior: harmonic (it adds to the harmonic fill)")
-        if self.train.val_every and self.train.val_steps > self.diffusion.steps:
-            raise ConfigError(
-                f"train.val_steps must be <= diffusion.steps ({self.diffusion.steps}), got {self.train.val_steps}"
-            )
 
     # ------------------------------------------------------------------ I/O
     @classmethod

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from brainpaint.conditioning.geometry import crop, full_slice_box
-from brainpaint.conditioning.inputs import PriorCache, VolumeInputs, prior_cache, volume_inputs
+from brainpaint.conditioning.inputs import PriorCache, VolumeInputs, prior_cache, prior_key, volume_inputs
 from brainpaint.conditioning.layout import InputLayout
 from brainpaint.conditioning.target import encode_target
 from brainpaint.data.augment import IntensityAugmentation
@@ -254,15 +254,12 @@ class SliceDataset(Dataset):
         self, case_id: str, k: int, voided: np.ndarray, mask: np.ndarray, atlas: Optional[np.ndarray] = None
     ) -> Optional[PriorCache]:
         """The unit's harmonic fill, midline and (given an `atlas`) atlas residual from
-        `data.cache_dir` (computed and stored there on first use, keyed by the voided volume,
-        the mask and the atlas); None without a cache folder."""
+        `data.cache_dir` (computed and stored there on first use, keyed by `inputs.prior_key`:
+        the algorithm's version, the voided volume, the mask and the atlas); None without a
+        cache folder."""
         if not self.cfg.data.cache_dir:
             return None
-        key = zlib.crc32(np.packbits(mask).tobytes()) ^ zlib.crc32(np.ascontiguousarray(voided).tobytes())
-        name = f"{case_id}-{k:03d}-{key:08x}"
-        if atlas is not None:
-            name += f"-atlas{zlib.crc32(np.ascontiguousarray(atlas, np.float32).tobytes()):08x}"
-            name += "" if self.cfg.data.atlas_fit == "box" else f"-{self.cfg.data.atlas_fit}"
+        name = f"{case_id}-{k:03d}-{prior_key(voided, mask, atlas, self.cfg.data.atlas_fit)}"
         path = Path(self.cfg.data.cache_dir) / f"{name}.npz"
         if path.is_file():
             try:

@@ -6,10 +6,15 @@ bit for bit, outside the mask and the prediction inside it, in the input's on-di
 and clipped for integer types), with the input's affine and header.
 
 A bad case costs one line on stderr and never stops the others; the run ends with a summary
-table and a line such as "3 cases: 2 ok, 1 failed, 0 skipped", and the exit status is 1 if any
-case failed. The output folder receives predictions only (atomic writes, no logs); it is checked
-up front, so an unusable folder fails in one line before any work is done. Reports (uncertainty
-maps, QA PNGs) go to a separate `report_dir`.
+table and a line such as "3 cases: 2 ok, 1 failed, 0 skipped". A case whose fill fell back on
+something else (`Prediction.warnings`: atlas registration, solver tolerance, midline) is ok with
+its warnings listed under its line, counted in the summary and written into its QA report. An
+unexpected exception inside a case is a bug, not bad input: it is reported as an internal error
+with its traceback, and the other cases still run. Exit status: 0 all ok, 1 some case failed
+on its input, 2 the run could not start, 3 some case hit an internal error. The output folder
+receives predictions only (atomic writes, no logs); it is checked up front, so an unusable
+folder fails in one line before any work is done. Reports (uncertainty maps, QA PNGs) go to a
+separate `report_dir`.
 
 Sharding: with `shard="i/n"` the case folders, sorted by ID, are dealt round-robin and this run
 takes those with index k % n == i, so n independent processes cover every case exactly once.
@@ -28,6 +33,8 @@ import re
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -138,28 +145,56 @@ def compose_output(data: CaseData, prediction: Prediction) -> np.ndarray:
 
 
 def _write_reports(data: CaseData, output: np.ndarray, prediction: Prediction, report_dir: Path) -> None:
-    """Uncertainty map and QA picture; a failure here is a warning, the prediction stands."""
+    """Uncertainty map and QA picture (with the case's warnings); a file system error here is
+    only a warning, the prediction is still written."""
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
         if prediction.std is not None:
             write_nifti_atomic(prediction.std, data.header, data.affine, report_dir / f"{data.id}-std.nii.gz", np.float32)
-        write_qa_report(data, output, report_dir / f"{data.id}-qa.png")
-    except Exception as exc:
+        write_qa_report(data, output, report_dir / f"{data.id}-qa.png", prediction.warnings)
+    except OSError as exc:
         warn(f"{data.id}: report not written: {type(exc).__name__}: {one_line(exc)}")
 
 
-def print_summary(rows: list[tuple[str, str, float, int]], stream=None) -> None:
+OK, FAILED, INTERNAL, SKIPPED = "ok", "failed", "internal", "skipped"
+EXIT_FAILED, EXIT_SETUP, EXIT_INTERNAL = 1, 2, 3
+
+
+@dataclass
+class CaseRow:
+    """How one case of a run ended: status OK, FAILED (its input), INTERNAL (a bug) or SKIPPED."""
+
+    id: str
+    status: str
+    seconds: float = 0.0
+    slices: int = 0
+    warnings: list[str] = field(default_factory=list)
+    problem: str = ""  # FAILED, INTERNAL: one line
+    traceback: str = ""  # INTERNAL
+
+
+def print_summary(rows: list[CaseRow], stream=None) -> None:
     stream = stream or sys.stderr
     if rows:
-        width = max(len("case"), *(len(r[0]) for r in rows))
-        print(f"{'case':<{width}}  {'status':<7}  {'seconds':>8}  {'slices':>6}", file=stream)
-        for case_id, status, seconds, slices in rows:
-            print(f"{case_id:<{width}}  {status:<7}  {seconds:>8.1f}  {slices:>6d}", file=stream)
-    counts = {s: sum(1 for r in rows if r[1] == s) for s in ("ok", "failed", "skipped")}
+        width = max(len("case"), *(len(r.id) for r in rows))
+        print(f"{'case':<{width}}  {'status':<8}  {'seconds':>8}  {'slices':>6}  {'warnings':>8}", file=stream)
+        for r in rows:
+            print(f"{r.id:<{width}}  {r.status:<8}  {r.seconds:>8.1f}  {r.slices:>6d}  {len(r.warnings):>8d}", file=stream)
+    count = lambda status: sum(1 for r in rows if r.status == status)  # noqa: E731
+    warned = sum(1 for r in rows if r.warnings)
+    internal = count(INTERNAL)
     print(
-        f"{len(rows)} cases: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped",
+        f"{len(rows)} cases: {count(OK)} ok" + (f" ({warned} with warnings)" if warned else "")
+        + f", {count(FAILED)} failed" + (f", {internal} internal error{'s' * (internal > 1)}" if internal else "")
+        + f", {count(SKIPPED)} skipped",
         file=stream,
     )
+
+
+def exit_status(rows: list[CaseRow]) -> int:
+    """3 when some case hit an internal error, else 1 when some case failed, else 0."""
+    statuses = {r.status for r in rows}
+    return EXIT_INTERNAL if INTERNAL in statuses else EXIT_FAILED if FAILED in statuses else 0
 
 
 def run_infer(
@@ -172,8 +207,8 @@ def run_infer(
     predictor: Optional[Predictor] = None,
 ) -> int:
     """Inpaint every case under `data_dir` into `out_dir`; returns the process exit code
-    (0 all good, 1 some case failed, 2 the run could not start). `predictor` overrides
-    `make_predictor(cfg)` (tests, custom methods).
+    (0 all good, 1 some case failed on its input, 2 the run could not start, 3 some case hit an
+    internal error). `predictor` overrides `make_predictor(cfg)` (tests, custom methods).
 
     Everything that can stop the whole run is checked before the output folder is created or
     touched: the shard, the data folder, and the predictor (weights, device), which is built
@@ -187,7 +222,7 @@ def run_infer(
         check_output_dir(out_dir)
     except (BatchSetupError, InferenceSetupError, OSError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_SETUP
     for line in settings_lines(cfg, predictor if todo else None):
         print(line, file=sys.stderr)
     with CaseProgress(len(entries), "infer") as progress:
@@ -195,9 +230,9 @@ def run_infer(
             show_sampling_steps(predictor)
         rows = [_case_row(case_id, item, predictor, cfg.infer.seed, out_dir, report_dir, overwrite, progress)
                 for case_id, item in entries]
-    rows.sort(key=lambda r: r[0])
+    rows.sort(key=lambda r: r.id)
     print_summary(rows)
-    return 1 if any(r[1] == "failed" for r in rows) else 0
+    return exit_status(rows)
 
 
 def _done(out_dir: Path, case_id: str) -> bool:
@@ -205,12 +240,13 @@ def _done(out_dir: Path, case_id: str) -> bool:
 
 
 def _setup_predictor(cfg: Config) -> Predictor:
-    """`make_predictor(cfg)`, any failure as one InferenceSetupError line naming the method."""
+    """`make_predictor(cfg)`; a missing package or unreadable file as one InferenceSetupError line
+    naming the method (weights and device problems are InferenceSetupErrors already)."""
     if cfg.infer.method == "diffusion":
         resolve_weights(cfg.infer.weights)  # a missing file is named before torch loads
     try:
         return make_predictor(cfg)
-    except Exception as exc:
+    except (ImportError, OSError) as exc:
         raise InferenceSetupError(f"cannot set up infer.method '{cfg.infer.method}': {one_line(exc)}") from exc
 
 
@@ -249,33 +285,47 @@ def _entries(data_dir: Path, out_dir: Path, shard: Optional[str], report_dir) ->
 
 
 def _case_row(case_id: str, item, predictor, seed: int, out_dir: Path, report_dir, overwrite: bool,
-              progress: CaseProgress) -> tuple[str, str, float, int]:
+              progress: CaseProgress) -> CaseRow:
     """One entry of the run: a bad case folder, a finished case to skip, or a case to inpaint."""
     remove_stale_temporaries(out_dir, case_id)
     if isinstance(item, CaseError):
         progress.finished(f"error: {item}")
-        return case_id, "failed", 0.0, 0
+        return CaseRow(case_id, FAILED)
     if not overwrite and _done(out_dir, case_id):
         progress.finished(f"{case_id}: {prediction_name(case_id)} exists, skipped (use --overwrite to recompute)")
-        return case_id, "skipped", 0.0, 0
+        return CaseRow(case_id, SKIPPED)
     row = _run_case(item, predictor, seed, out_dir, report_dir)
-    progress.finished(f"{case_id}: ok ({row[2]:.1f} s, {row[3]} slices)" if row[1] == "ok" else f"error: {case_id}: {row[4]}")
-    return row[:4]
+    if row.status == OK:
+        count = len(row.warnings)
+        warned = f", {count} warning{'s' * (count > 1)}" if count else ""
+        progress.finished(f"{case_id}: ok ({row.seconds:.1f} s, {row.slices} slices{warned})")
+        for line in row.warnings:
+            progress.say(f"warning: {case_id}: {line}")
+    elif row.status == FAILED:
+        progress.finished(f"error: {case_id}: {row.problem}")
+    else:
+        progress.finished(f"error: {case_id}: internal error, not a problem of the input: {row.problem}")
+        progress.say(row.traceback)  # for a bug report
+    return row
 
 
-def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> tuple:
-    """Predict, compose and write one case: (id, "ok"/"failed", seconds, slices, problem)."""
+def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> CaseRow:
+    """Predict, compose and write one case. Its input's problems (CaseError, and OSError such
+    as a full disk) fail the case in one line; any other exception is an internal error, with
+    its traceback. The prediction is written last, so a case that fails leaves none."""
     start = time.perf_counter()
     try:
         data = load_case(case)
         prediction = predictor(data, case_seed(seed, case.id))
         output = compose_output(data, prediction)
-        write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
         if report_dir is not None:
             _write_reports(data, output, prediction, Path(report_dir))
-        return case.id, "ok", time.perf_counter() - start, int(prediction.slices), ""
+        write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
+        return CaseRow(case.id, OK, time.perf_counter() - start, int(prediction.slices), list(prediction.warnings))
     except CaseError as exc:
-        problem = exc.problem
-    except Exception as exc:  # a crash in one case must not stop the others
-        problem = f"{type(exc).__name__}: {one_line(exc)}"
-    return case.id, "failed", time.perf_counter() - start, 0, problem
+        return CaseRow(case.id, FAILED, time.perf_counter() - start, problem=exc.problem)
+    except OSError as exc:
+        return CaseRow(case.id, FAILED, time.perf_counter() - start, problem=f"{type(exc).__name__}: {one_line(exc)}")
+    except Exception as exc:  # a bug: reported as one, with its traceback; the other cases still run
+        return CaseRow(case.id, INTERNAL, time.perf_counter() - start, problem=f"{type(exc).__name__}: {one_line(exc)}",
+                       traceback=traceback.format_exc().rstrip())

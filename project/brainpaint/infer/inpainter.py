@@ -25,7 +25,6 @@ path; `ddim` (or respaced `ddpm`) with few steps is the fast default.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -34,17 +33,17 @@ import torch
 from brainpaint.conditioning import geometry
 from brainpaint.conditioning.inputs import PriorCache, VolumeInputs, volume_inputs
 from brainpaint.conditioning.layout import InputLayout
-from brainpaint.conditioning.target import clip_bound, decode_sample
+from brainpaint.conditioning.target import decode_sample
 from brainpaint.config.presets import size_multiple
 from brainpaint.config.settings import MODEL_SECTIONS, Config
-from brainpaint.diffusion.noise import SliceNoise
 from brainpaint.diffusion.process import GaussianDiffusion
+from brainpaint.diffusion.sampling import run_settings, sample_slices
 from brainpaint.errors import CaseError, InferenceSetupError
 from brainpaint.infer.prediction import Prediction
 from brainpaint.infer.smoothing import smooth_in_mask
 from brainpaint.io.brats import from_ras, warn
 from brainpaint.model.devices import select_device
-from brainpaint.model.weights import load_model
+from brainpaint.model.weights import WEIGHTS_FILE_ERRORS, load_model
 from brainpaint.model.weights_path import resolve_weights
 
 
@@ -65,21 +64,14 @@ def warn_overridden(cfg: Config, weights_cfg: Config, weights) -> list[str]:
     return keys
 
 
-# Sampler steps of eps-prediction weights when the parameters leave `infer.steps` at its default
-# (1, the conditional mean of x0/v weights): one step from x_T = 0 cannot reach it through eps.
-EPS_STEPS = 16
-
-
 def eps_steps(cfg: Config, weights_cfg: Config, weights):
-    """The infer settings to run: `cfg.infer`, with EPS_STEPS steps for eps weights unless the
-    parameters chose the steps (said in one line)."""
-    inf = cfg.infer
-    few = inf.steps < EPS_STEPS and "infer.steps" not in cfg.explicit
-    if weights_cfg.diffusion.prediction != "eps" or not few:
-        return inf
-    warn(f"the weights {weights} predict eps, which needs more than {inf.steps} step(s): "
-         f"running {EPS_STEPS} {inf.sampler} steps (set infer.steps to choose)")
-    return dataclasses.replace(inf, steps=EPS_STEPS)
+    """The infer settings to run (`sampling.run_settings`): `cfg.infer`, with EPS_STEPS steps for
+    eps weights unless the parameters chose the steps (said in one line)."""
+    inf = run_settings(cfg.infer, weights_cfg.diffusion.prediction, "infer.steps" in cfg.explicit)
+    if inf.steps != cfg.infer.steps:
+        warn(f"the weights {weights} predict eps, which needs more than {cfg.infer.steps} step(s): "
+             f"running {inf.steps} {inf.sampler} steps (set infer.steps to choose)")
+    return inf
 
 
 # --------------------------------------------------------------------------- the diffusion predictor
@@ -99,7 +91,7 @@ class DiffusionInpainter:
         self.weights = resolve_weights(self.infer.weights)
         try:
             self.model, self.model_cfg = load_model(self.weights, self.device)
-        except Exception as exc:  # corrupt file, wrong metadata: one clear line
+        except WEIGHTS_FILE_ERRORS as exc:  # corrupt file, wrong metadata: one clear line
             raise InferenceSetupError(f"cannot load weights {self.weights}: {exc}") from exc
         warn_overridden(cfg, self.model_cfg, self.weights)
         self.infer = eps_steps(cfg, self.model_cfg, self.weights)
@@ -158,47 +150,11 @@ class DiffusionInpainter:
         return [(box, geometry.window_weight(size)) for box in boxes]
 
     # ------------------------------------------------------------------ sampling
-    def _autocast_dtype(self) -> Optional[torch.dtype]:
-        """bf16 for the network on CUDA (the diffusion arithmetic stays float32); never on CPU."""
-        return torch.bfloat16 if self.device.type == "cuda" and self.infer.bf16 else None
-
     def sample_slices(self, cond: np.ndarray, seed: int, member: int, keys: Optional[list] = None) -> np.ndarray:
-        """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space).
-
-        `keys` name the slices (tuples of ints, default (index,)): slice i draws its noise
-        from the seed (seed, member, keys[i]), whatever batch it lands in.
-        """
-        inf = self.infer
-        n = cond.shape[0]
-        keys = keys if keys is not None else [(i,) for i in range(n)]
-        batch = inf.batch_slices or n
-        noise = SliceNoise(seed, member, self.device)
-        prior = self.data_cfg.prior
-        out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
-        for start in range(0, n, batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(self.device)
-            draw = lambda c, noise_fn: self.diffusion.sample(  # noqa: E731
-                self.model,
-                c,
-                sampler=inf.sampler,
-                steps=inf.steps,
-                eta=inf.eta,
-                noise_fn=noise_fn,
-                clip_denoised=clip_bound(prior),
-                autocast=self._autocast_dtype(),
-                temperature=inf.temperature,
-            )
-            chunk_keys = keys[start : start + batch]
-            x0 = draw(chunk, noise.for_slices(chunk_keys))
-            if inf.flip_average:
-                # The mirrored slices (first in-plane axis) with the mirrored noise, mirrored back:
-                # a network that were exactly mirror-symmetric would give the same draw twice.
-                turn = lambda t: t.flip(-2)  # noqa: E731
-                mirrored = noise.for_slices(chunk_keys)
-                x0m = draw(turn(chunk), lambda shape, g=None: turn(mirrored(shape, g)))
-                x0 = 0.5 * (x0 + turn(x0m))
-            out[start : start + len(chunk)] = x0.float().reshape(len(chunk), *cond.shape[2:]).cpu().numpy()
-        return out
+        """`sampling.sample_slices` of conditioned slices [N, C, H, W] -> x0 [N, H, W] with this
+        predictor's network, diffusion and settings."""
+        return sample_slices(self.diffusion, self.model, cond, self.infer, self.data_cfg.prior, self.device, seed, member,
+                             keys)
 
     # ------------------------------------------------------------------ one case
     def conditioning(self, data, vin=None, box=None):
@@ -239,7 +195,7 @@ class DiffusionInpainter:
         """The prediction of a case, in its own array order (filled in RAS axes)."""
         pred = self.predict_ras(data.in_ras(), seed)
         back = lambda a: None if a is None else from_ras(a, data.affine)  # noqa: E731
-        return Prediction(volume=back(pred.volume), std=back(pred.std), slices=pred.slices)
+        return Prediction(volume=back(pred.volume), std=back(pred.std), slices=pred.slices, warnings=pred.warnings)
 
     @torch.inference_mode()
     def predict_ras(self, data, seed: int) -> Prediction:
@@ -263,4 +219,4 @@ class DiffusionInpainter:
         if members.shape[0] > 1:
             std = np.zeros(mask.shape, dtype=np.float32)
             std[mask] = members.std(axis=0) * np.float32(vin.imap.hi - vin.imap.lo)
-        return Prediction(volume=volume, std=std, slices=int(mask.any(axis=(0, 1)).sum()))
+        return Prediction(volume=volume, std=std, slices=int(mask.any(axis=(0, 1)).sum()), warnings=list(vin.notes))

@@ -7,10 +7,13 @@ direction (slice-to-slice stripes show up in the coronal and sagittal rows).
 
 Grey levels use the metric's own percentile window of the voided image, so the picture shows
 what the metric compares. Pixels are stretched by the voxel spacing so views look anatomical.
+The case's warnings (`Prediction.warnings`: what its fill fell back on) are written in yellow
+under the panels, so a fill made on a fallback never looks like any other.
 Only numpy, scipy and pillow are needed.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,8 @@ from brainpaint.conditioning.intensity import metric_window
 from brainpaint.io.atomic import atomic_write
 
 OUTLINE_RGB = (255, 0, 0)
+WARNING_RGB = (255, 220, 0)
+LINE_HEIGHT = 12  # pixels per line of text (pillow's default font)
 VIEWS = ("axial", "coronal", "sagittal")
 GAP = 4  # pixels between panels
 
@@ -107,8 +112,23 @@ def compose(rows) -> Image.Image:
     return canvas
 
 
-def write_qa_report(data, output_volume: np.ndarray, png_path: Path) -> None:
-    """Write the QA PNG of one case atomically (temporary name in the same folder, then rename)."""
+def with_warnings(image: Image.Image, warnings) -> Image.Image:
+    """`image` with each warning written under it ("warning: ...", wrapped to its width)."""
+    width = max(20, image.width // 5)  # characters of pillow's default font per line
+    lines = [row for w in warnings for row in textwrap.wrap(f"warning: {w}", width, subsequent_indent="  ")]
+    if not lines:
+        return image
+    canvas = Image.new("RGB", (image.width, image.height + GAP + LINE_HEIGHT * len(lines)))
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((2, image.height + GAP + LINE_HEIGHT * i), line, fill=WARNING_RGB)
+    return canvas
+
+
+def write_qa_report(data, output_volume: np.ndarray, png_path: Path, warnings=()) -> None:
+    """Write the QA PNG of one case atomically (temporary name in the same folder, then rename),
+    its `warnings` under the panels."""
     png_path = Path(png_path)
     zooms = (1.0, 1.0, 1.0)
     header = getattr(data, "header", None)
@@ -119,7 +139,7 @@ def write_qa_report(data, output_volume: np.ndarray, png_path: Path) -> None:
             pass
         if len(zooms) != 3 or min(zooms) <= 0:
             zooms = (1.0, 1.0, 1.0)
-    image = compose(render_panels(data.voided, output_volume, data.mask, zooms))
+    image = with_warnings(compose(render_panels(data.voided, output_volume, data.mask, zooms)), warnings)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(png_path) as tmp:
         image.save(tmp, format="PNG")

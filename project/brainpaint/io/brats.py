@@ -186,16 +186,21 @@ def check_geometry(case_id: str, name: str, img, reference=None, ref_name: str =
         raise CaseError(case_id, f"{name} is {len(shape)}D with shape {shape}; expected a 3D image")
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0) or np.any(zooms > MAX_SPACING_MM):
-        raise CaseError(case_id, f"{name} has impossible voxel spacing {tuple(zooms.round(4))} mm")
+        raise CaseError(case_id, f"{name} has impossible voxel spacing {_mm(zooms)} mm")
     if reference is None:
         if not np.allclose(zooms, 1.0, atol=1e-3):
-            warn(f"{case_id}: {name} has voxel spacing {tuple(zooms.round(4))} mm, not 1 mm; processing in voxels")
+            warn(f"{case_id}: {name} has voxel spacing {_mm(zooms)} mm, not 1 mm; processing in voxels")
         return
     if shape != tuple(reference.shape):
         raise CaseError(case_id, f"shape mismatch: {name} {shape} vs {ref_name} {tuple(reference.shape)}")
     if not np.allclose(img.affine, reference.affine, atol=AFFINE_TOLERANCE, rtol=0):
         diff = float(np.abs(img.affine - reference.affine).max())
         raise CaseError(case_id, f"affine mismatch: {name} differs from {ref_name} by up to {diff:.4g}")
+
+
+def _mm(zooms: np.ndarray) -> str:
+    """Voxel spacings as a reader writes them: (2, 2, 2.5)."""
+    return "(" + ", ".join(f"{float(z):.4g}" for z in zooms) + ")"
 
 
 def check_finite(case_id: str, name: str, array: np.ndarray) -> None:
@@ -205,7 +210,7 @@ def check_finite(case_id: str, name: str, array: np.ndarray) -> None:
 
 
 def check_mask(case_id: str, name: str, array: np.ndarray) -> np.ndarray:
-    """Binary (only 0 and 1) and non-empty; returns it as bool."""
+    """Binary (only 0 and 1), non-empty and not the whole grid; returns it as bool."""
     binary = (array == 0) | (array == 1)
     if not binary.all():
         extra = np.unique(array[~binary])
@@ -214,6 +219,8 @@ def check_mask(case_id: str, name: str, array: np.ndarray) -> np.ndarray:
     mask = array == 1
     if not mask.any():
         raise CaseError(case_id, f"{name} is empty")
+    if mask.all():
+        raise CaseError(case_id, f"{name} covers the whole volume: there is no known tissue to fill from")
     return mask
 
 

@@ -11,13 +11,19 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from brainpaint.conditioning.layout import network_channels
 from brainpaint.config.settings import Config
 from brainpaint.model.unet import build_unet
+
+
+# What loading a weights file that is not what it should be raises: a broken or foreign file
+# (SafetensorError, YAML or config errors), parameters that do not fit the network
+# (RuntimeError of `load_state_dict`), a file that cannot be read (OSError).
+WEIGHTS_FILE_ERRORS = (SafetensorError, yaml.YAMLError, ValueError, RuntimeError, OSError)
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -11,25 +11,37 @@ from torch import nn
 
 from brainpaint.conditioning.layout import InputLayout
 from brainpaint.config.settings import Config, model_config_yaml
-from brainpaint.errors import TrainError
+from brainpaint.errors import TrainError, one_line
 from brainpaint.io.atomic import atomic_write
 from brainpaint.model.unet import INPUT_CONV, widen_input_conv
-from brainpaint.model.weights import read_metadata
-from brainpaint.train.checkpoints import check_same_model, checkpoint_step, cpu_tensors, newest_checkpoint
+from brainpaint.model.weights import WEIGHTS_FILE_ERRORS, read_metadata
+from brainpaint.train.checkpoints import STEP_PREFIX, check_same_model, checkpoint_step, cpu_tensors, newest_checkpoint
 
 
 def export_weights(checkpoint_or_run_dir, out_file) -> Path:
-    """Write the EMA weights of a checkpoint (or a run's newest) as a self-describing weights file."""
-    ckpt = newest_checkpoint(Path(checkpoint_or_run_dir))
-    meta = read_metadata(ckpt / "ema.safetensors")
-    tensors = load_file(str(ckpt / "ema.safetensors"))
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    meta.setdefault("step", str(checkpoint_step(ckpt)))
-    if "config" in meta:
-        meta["config"] = model_config_yaml(Config.from_dict(yaml.safe_load(meta["config"])))
-    with atomic_write(out_file) as tmp:
-        save_file(cpu_tensors(tensors), str(tmp), metadata=meta)
+    """Write the EMA weights of a checkpoint (or a run's newest) as a self-describing weights file.
+    Every problem (no such run, no checkpoint, an unreadable one, an unwritable output) is a
+    one-line TrainError."""
+    source, out_file = Path(checkpoint_or_run_dir), Path(out_file)
+    if not source.is_dir():
+        raise TrainError(f"{source} is not a folder: give a training run's output folder or one of its checkpoints")
+    ckpt = newest_checkpoint(source)
+    ema = ckpt / "ema.safetensors"
+    try:
+        meta = read_metadata(ema)
+        tensors = load_file(str(ema))
+        if "config" in meta:
+            meta["config"] = model_config_yaml(Config.from_dict(yaml.safe_load(meta["config"])))
+    except WEIGHTS_FILE_ERRORS as exc:
+        raise TrainError(f"cannot read {ema}: {one_line(exc)}") from exc
+    if ckpt.name[len(STEP_PREFIX):].isdigit():  # a checkpoint folder copied under another name has no step
+        meta.setdefault("step", str(checkpoint_step(ckpt)))
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out_file) as tmp:
+            save_file(cpu_tensors(tensors), str(tmp), metadata=meta)
+    except OSError as exc:
+        raise TrainError(f"cannot write {out_file}: {exc.strerror or one_line(exc)}") from exc
     return out_file
 
 

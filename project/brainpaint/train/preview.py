@@ -1,9 +1,11 @@
 """Validation during training: a few fixed slices sampled from the EMA weights, scored and shown.
 
-Every `train.val_every` steps rank 0 samples `train.val_slices` fixed slices with a short DDIM
-(`train.val_steps`, clipped like inference: `dataset.clip_bound`), writes a PNG grid
-(b | m | sample | ground truth, one row per slice) to `<run>/validation/step_XXXXXXXX.png` and
-returns in-mask SSIM and PSNR for `train_log.csv`.
+Every `train.val_every` steps rank 0 samples `train.val_slices` fixed slices exactly as
+inference samples slices (`diffusion.sampling.sample_slices` with the run's `infer` settings,
+by default the shipped sampler: one DDIM step from x_T = 0 at temperature 0, averaged with the
+mirrored slice's fill), so the scores in `train_log.csv` are those of the fills users get. It
+writes a PNG grid (b | m | sample | ground truth, one row per slice) to
+`<run>/validation/step_XXXXXXXX.png` and returns in-mask SSIM and PSNR for `train_log.csv`.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from brainpaint.conditioning.layout import InputLayout
-from brainpaint.conditioning.target import clip_bound, decode_sample
+from brainpaint.conditioning.target import decode_sample
 from brainpaint.config.settings import Config
+from brainpaint.diffusion.sampling import run_settings, sample_slices
+from brainpaint.errors import TrainError
 from brainpaint.io.atomic import atomic_write
 from brainpaint.train.checkpoints import STEP_PREFIX
 
@@ -60,12 +64,17 @@ def write_grid_png(rows: list[list[np.ndarray]], path: Path) -> None:
 
 
 class Validator:
-    """Samples a few fixed slices with a short DDIM from the EMA weights and scores them."""
+    """Samples a few fixed slices from the EMA weights as inference would, and scores them."""
 
     def __init__(self, dataset, cfg: Config, device: torch.device):
         self.cfg = cfg
         self.device = device
         self.layout = InputLayout.of(cfg)
+        # What inference runs: the `infer` settings, with more steps for eps-prediction weights.
+        self.settings = run_settings(cfg.infer, cfg.diffusion.prediction, "infer.steps" in cfg.explicit)
+        if self.settings.steps > cfg.diffusion.steps:
+            raise TrainError(f"infer.steps ({self.settings.steps}), which validation samples with as inference does, "
+                             f"must be <= diffusion.steps ({cfg.diffusion.steps})")
         samples = [dataset.sample(pair, random.Random(0), augment=False) for pair in self.pick(dataset, cfg.train.val_slices)]
         self.cond = torch.stack([s["cond"] for s in samples]) if samples else None
         self.x0 = torch.stack([s["x0"] for s in samples]) if samples else None
@@ -93,19 +102,9 @@ class Validator:
         if self.cond is None:
             return None
         prior = self.cfg.data.prior
-        cond = self.cond.to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        x0 = diffusion.sample(
-            model,
-            cond,
-            sampler="ddim",
-            steps=self.cfg.train.val_steps,
-            generator=generator,
-            clip_denoised=clip_bound(prior),
-            autocast=torch.bfloat16 if (self.device.type == "cuda" and self.cfg.train.bf16) else None,
-        )
+        x0 = sample_slices(diffusion, model, self.cond.numpy(), self.settings, prior, self.device, seed=0)
         b = self.cond[:, [self.layout.index("b")]]
-        sample = decode_sample(x0.float().cpu(), b, prior)
+        sample = decode_sample(torch.from_numpy(x0)[:, None], b, prior)
         truth = decode_sample(self.x0, b, prior)
         mask = self.cond[:, [self.layout.index("m")]]
         ssim, psnr = masked_ssim_psnr(sample, truth, mask)
