@@ -1,10 +1,12 @@
 """QA pictures: the shipped model's fill next to the harmonic fill and the ground truth.
 
     python benchmarks/qa_figures.py                       # two validation cases -> docs/qa_<ID>.png
+    python benchmarks/qa_figures.py --val workspace/prepared_tumour/val \
+        --cases BraTS-GLI-00001-000,BraTS-GLI-00014-000   # two tumour validation cases
     python benchmarks/qa_figures.py --cases BraTS-SYN-00052-000 --weights runs/long/model.safetensors
 
 Each picture has one row per view (axial, coronal, sagittal through the mask's centre) and the
-columns voided input (mask outlined in red), prediction (`--parameters-file`, else the code's
+columns voided input (mask outlined in red, a voided tumour in yellow), prediction (`--parameters-file`, else the code's
 defaults), 3D harmonic fill and ground truth, cut to the mask plus a margin and enlarged 2x,
 grey levels in the official metric's window. The official metrics of both fills are printed.
 Without the prepared validation data the script says so and exits 0.
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
             m = official_metrics(volume, data.t1n, data.voided, data.mask_healthy)
             print(f"{case_id} {name:<10} SSIM {m['ssim']:.4f} PSNR {m['psnr']:.2f} MSE {m['mse']:.5f}")
         panels = {"voided": data.voided, "prediction": prediction, "harmonic fill": harmonic, "ground truth": data.t1n}
-        image = render_comparison(panels, data.mask, metric_window(data.voided))
+        tumour = np.asarray(data.mask, bool) & ~np.asarray(data.mask_healthy, bool)
+        image = render_comparison(panels, data.mask, metric_window(data.voided), lesion=tumour)
         path = args.out / f"qa_{case_id}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -23,6 +24,7 @@ from scipy import ndimage
 from brainpaint.conditioning.intensity import metric_window
 from brainpaint.io.atomic import atomic_write
 
+LESION_RGB = (255, 200, 0)  # a voided tumour's outline (yellow)
 OUTLINE_RGB = (255, 0, 0)
 WARNING_RGB = (255, 220, 0)
 LINE_HEIGHT = 12  # pixels per line of text (pillow's default font)
@@ -146,12 +148,14 @@ def write_qa_report(data, output_volume: np.ndarray, png_path: Path, warnings=()
 
 
 def render_comparison(volumes: dict, mask: np.ndarray, window: tuple[float, float], margin: int = 24,
-                      scale: int = 2) -> Image.Image:
+                      scale: int = 2, lesion: Optional[np.ndarray] = None) -> Image.Image:
     """Side-by-side panels, one row per view (axial, coronal, sagittal through the mask's
     centre) and one column per named volume, cut to the mask plus `margin` voxels and enlarged
-    `scale` times; the mask outline is drawn on the first column only, so every other panel
-    shows its tissue unmarked. Names are written above their columns."""
+    `scale` times; the mask outline (and a `lesion`'s, a voided tumour, in its own colour) is
+    drawn on the first column only, so every other panel shows its tissue unmarked. Names are
+    written above their columns."""
     mask = np.asarray(mask, dtype=bool)
+    lesion = np.zeros(mask.shape, bool) if lesion is None else np.asarray(lesion, dtype=bool)
     centre = mask_centre(mask)
     idx = np.argwhere(mask) if mask.any() else np.array([centre])
     lo = np.maximum(idx.min(0) - margin, 0)
@@ -161,12 +165,14 @@ def render_comparison(volumes: dict, mask: np.ndarray, window: tuple[float, floa
     rows = []
     for view in VIEWS:
         edge = _outline(_plane(mask[region], view, local))
+        tumour = _outline(_plane(lesion[region], view, local))
         row = []
         for i, volume in enumerate(volumes.values()):
             grey = _to_grey(_plane(np.asarray(volume)[region], view, local), *window)
             rgb = np.repeat(grey[..., None], 3, axis=2)
             if i == 0:
                 rgb[edge] = OUTLINE_RGB
+                rgb[tumour] = LESION_RGB
             image = Image.fromarray(rgb, mode="RGB")
             row.append(image.resize((image.width * scale, image.height * scale), resample=Image.NEAREST))
         rows.append(row)
