@@ -60,6 +60,13 @@ def laplacian_system(volume: np.ndarray, mask: np.ndarray) -> tuple[sparse.csr_m
     return (sparse.diags(degree) - adjacency).tocsr(), rhs, flat
 
 
+def mask_support(mask: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of a non-empty `mask` grown by one voxel (within the grid): every voxel
+    a harmonic fill of the mask reads, so filling that box alone gives the same values."""
+    idx = np.argwhere(mask)
+    return tuple(slice(max(int(lo) - 1, 0), min(int(hi) + 2, n)) for lo, hi, n in zip(idx.min(0), idx.max(0), mask.shape))
+
+
 def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL) -> np.ndarray:
     """Return a float32 copy of `volume` whose voxels inside `mask` solve Laplace's equation with
     the voxels outside as boundary values; voxels outside the mask are unchanged."""
@@ -72,7 +79,8 @@ def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL) -> n
         return out
     if mask.all():
         raise ValueError("the mask covers the whole volume: there is nothing to fill from")
-    A, b, flat = laplacian_system(volume, mask)
+    support = mask_support(mask)  # the system of the mask's box is the system of the grid
+    A, b, flat = laplacian_system(volume[support], mask[support])
     # Start from the mean boundary value: b sums the known neighbours of each unknown, and
     # degree minus unknown neighbours counts them.
     diag = A.diagonal()
@@ -83,5 +91,5 @@ def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL) -> n
     # The vectors are short: BLAS threads only contend (3x slower beside a busy torch or another job).
     with threadpool_limits(1, user_api="blas"):
         u, _ = splinalg.cg(A, b, x0=x0, rtol=rtol, atol=0.0, maxiter=MAX_ITER, M=jacobi)
-    out[mask] = u.astype(np.float32)  # boolean indexing walks voxels in C order, like `flat`
+    out[support][mask[support]] = u.astype(np.float32)  # boolean indexing walks voxels in C order, like `flat`
     return out

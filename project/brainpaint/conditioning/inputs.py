@@ -16,6 +16,7 @@ from brainpaint.conditioning.atlas import atlas_residual
 from brainpaint.conditioning.geometry import midline_shift, to_plane
 from brainpaint.conditioning.harmonic import harmonic_fill
 from brainpaint.conditioning.intensity import IntensityMap
+from brainpaint.stages import Stages
 
 
 @dataclass
@@ -54,7 +55,8 @@ class PriorCache:
 
 
 def volume_inputs(
-    voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optional[PriorCache] = None, atlas: Optional[np.ndarray] = None
+    voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optional[PriorCache] = None, atlas: Optional[np.ndarray] = None,
+    stages: Optional[Stages] = None,
 ) -> VolumeInputs:
     """Normalise a voided volume and build the conditioning volume `b`.
 
@@ -66,29 +68,33 @@ def volume_inputs(
     (`model.atlas`) its residual over its own harmonic fill is computed
     (`atlas.atlas_residual`), and `data.atlas_gain` times it is added to the fill in `b`.
     `known` passes a fill, midline or atlas residual computed before (training caches,
-    repeated scoring of the same case).
+    repeated scoring of the same case). `stages` times each step (`brainpaint.stages`).
     """
-    known = known or PriorCache()
+    stages, known = Stages.of(stages), known or PriorCache()
     mask = np.asarray(mask, dtype=bool)
     voided = np.asarray(voided, dtype=np.float32)
-    imap = IntensityMap.fit(voided)
+    with stages.time("intensity"):
+        imap = IntensityMap.fit(voided)
+        normal = imap.normalize(voided)
     if data_cfg.prior == "harmonic" and mask.any():
-        if known.fill is None:
-            filled = harmonic_fill(voided, mask)
-        else:
-            filled = voided.copy()
-            filled[mask] = known.fill
-        b = imap.normalize(filled)
+        with stages.time("harmonic"):
+            if known.fill is None:
+                filled = harmonic_fill(voided, mask)
+            else:
+                filled = voided.copy()
+                filled[mask] = known.fill
+            b = imap.normalize(filled)
     else:
-        b = imap.normalize(voided)
+        b = normal.copy()
         b[mask] = 0.0
     shift = None
     if data_cfg.mirror:
-        shift = midline_shift(voided, (voided != 0) & ~mask) if known.shift is None else int(known.shift)
+        with stages.time("midline"):
+            shift = midline_shift(voided, (voided != 0) & ~mask) if known.shift is None else int(known.shift)
     residual = None
     if atlas is not None:
         if known.atlas is None:
-            residual = _case_atlas_residual(atlas, voided, mask, imap, data_cfg.atlas_fit)
+            residual = atlas_residual(atlas, normal, mask, (voided != 0) | mask, data_cfg.atlas_fit, stages)
         else:
             residual = np.zeros(mask.shape, np.float32)
             residual[mask] = known.atlas
