@@ -8,6 +8,7 @@ import numpy as np
 
 from brainpaint.conditioning.harmonic import harmonic_fill
 from brainpaint.io.brats import CaseData
+from brainpaint.stages import Stages
 
 
 @dataclass
@@ -15,6 +16,7 @@ class Prediction:
     volume: np.ndarray  # float32, input intensity scale, full grid; only voxels in the mask are used
     std: Optional[np.ndarray] = None  # float32 uncertainty map (ensembles), or None
     slices: int = 0  # number of slices processed
+    stages: Optional[Stages] = None  # where the case's seconds went (`brainpaint.stages`), if timed
 
 
 Predictor = Callable[[CaseData, int], Prediction]
@@ -22,5 +24,7 @@ Predictor = Callable[[CaseData, int], Prediction]
 
 def harmonic_predictor(data: CaseData, seed: int) -> Prediction:
     """The classical fill (deterministic; `seed` is unused)."""
-    volume = harmonic_fill(data.voided, data.mask)
-    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()))
+    stages = Stages()
+    with stages.time("harmonic"):
+        volume = harmonic_fill(data.voided, data.mask)
+    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()), stages=stages)
