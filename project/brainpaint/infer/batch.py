@@ -17,17 +17,28 @@ Without `shard`, a run under torchrun (RANK/WORLD_SIZE) takes shard RANK/WORLD_S
 
 Resuming: a case whose prediction already exists is skipped (unless `overwrite`); a temporary
 file left in the output folder by a killed run is removed when its case comes up again.
+
+Overlap: while the predictor fills one case, the next case to inpaint is read and, for a
+predictor with a `prepare` step (the diffusion model's harmonic fill, midline and atlas
+registration), prepared in one background thread, so reading and preparing cost no time of
+their own. Cases are still written one at a time, in order, each atomically.
+
+Timing: every case's stages (`brainpaint.stages`: load, intensity, harmonic, midline,
+registration, conditioning, network, write) are measured; `profile` adds them to the per-case
+line and prints a table of them at the end, and a report folder gets `<ID>-stages.json`.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import hashlib
+import json
 import os
 import re
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -39,9 +50,10 @@ from brainpaint.infer.prediction import Prediction, Predictor
 from brainpaint.infer.predictors import make_predictor
 from brainpaint.infer.progress import CaseProgress, show_sampling_steps
 from brainpaint.infer.report import write_qa_report
-from brainpaint.io.atomic import temp_owner
+from brainpaint.io.atomic import temp_owner, write_text
 from brainpaint.io.brats import CaseData, cast_to_dtype, discover_cases, load_case, prediction_name, warn, write_nifti_atomic
 from brainpaint.model.weights_path import resolve_weights
+from brainpaint.stages import STAGES, Stages
 
 
 def case_seed(base_seed: int, case_id: str) -> int:
@@ -148,6 +160,14 @@ def _write_reports(data: CaseData, output: np.ndarray, prediction: Prediction, r
         warn(f"{data.id}: report not written: {type(exc).__name__}: {one_line(exc)}")
 
 
+def _write_stages(case_id: str, stages: Stages, report_dir: Path) -> None:
+    """`<ID>-stages.json` in the report folder: the case's stage seconds and counts."""
+    try:
+        write_text(report_dir / f"{case_id}-stages.json", json.dumps(stages.as_dict(), indent=1) + "\n")
+    except OSError as exc:
+        warn(f"{case_id}: stage times not written: {one_line(exc)}")
+
+
 def print_summary(rows: list[tuple[str, str, float, int]], stream=None) -> None:
     stream = stream or sys.stderr
     if rows:
@@ -162,6 +182,26 @@ def print_summary(rows: list[tuple[str, str, float, int]], stream=None) -> None:
     )
 
 
+def print_stage_table(stages: dict[str, Stages], wall: float, stream=None) -> None:
+    """The stage seconds of every case that ran (one row each, `other` the rest of its seconds),
+    their medians, and the run's wall time per case (cases overlap: see the module doc)."""
+    stream = stream or sys.stderr
+    if not stages:
+        return
+    seen = [name for st in stages.values() for name in st.names()]
+    names = [s for s in STAGES if s in seen] + list(dict.fromkeys(s for s in seen if s not in STAGES)) + ["total"]
+    width = max(len("case"), *(len(c) for c in stages))
+    print(f"{'case':<{width}}  " + "  ".join(f"{n:>12}" for n in names) + "  windows  passes", file=stream)
+    table = {cid: [st.seconds.get(n, 0.0) for n in names[:-1]] + [sum(st.seconds.values())] for cid, st in stages.items()}
+    for cid, row in table.items():
+        counts = stages[cid].counts
+        print(f"{cid:<{width}}  " + "  ".join(f"{v:>12.2f}" for v in row)
+              + f"  {counts.get('windows', 0):>7d}  {counts.get('passes', 0):>6d}", file=stream)
+    median = np.median(np.array(list(table.values())), axis=0)
+    print(f"{'median':<{width}}  " + "  ".join(f"{v:>12.2f}" for v in median), file=stream)
+    print(f"{len(stages)} cases inpainted in {wall:.1f} s wall, {wall / len(stages):.2f} s per case", file=stream)
+
+
 def run_infer(
     cfg: Config,
     data_dir: str | Path,
@@ -170,10 +210,11 @@ def run_infer(
     report_dir: Optional[str | Path] = None,
     overwrite: bool = False,
     predictor: Optional[Predictor] = None,
+    profile: bool = False,
 ) -> int:
     """Inpaint every case under `data_dir` into `out_dir`; returns the process exit code
     (0 all good, 1 some case failed, 2 the run could not start). `predictor` overrides
-    `make_predictor(cfg)` (tests, custom methods).
+    `make_predictor(cfg)` (tests, custom methods); `profile` prints every case's stage times.
 
     Everything that can stop the whole run is checked before the output folder is created or
     touched: the shard, the data folder, and the predictor (weights, device), which is built
@@ -190,12 +231,15 @@ def run_infer(
         return 2
     for line in settings_lines(cfg, predictor if todo else None):
         print(line, file=sys.stderr)
+    start = time.perf_counter()
     with CaseProgress(len(entries), "infer") as progress:
         if todo and progress.enabled:
             show_sampling_steps(predictor)
-        rows = [_case_row(case_id, item, predictor, cfg.infer.seed, out_dir, report_dir, overwrite, progress)
-                for case_id, item in entries]
+        rows, stages = _run_cases(entries, {case.id for case in todo}, predictor, cfg.infer.seed, out_dir, report_dir,
+                                  progress, profile)
     rows.sort(key=lambda r: r[0])
+    if profile:
+        print_stage_table(stages, time.perf_counter() - start)
     print_summary(rows)
     return 1 if any(r[1] == "failed" for r in rows) else 0
 
@@ -248,34 +292,82 @@ def _entries(data_dir: Path, out_dir: Path, shard: Optional[str], report_dir) ->
     return entries
 
 
-def _case_row(case_id: str, item, predictor, seed: int, out_dir: Path, report_dir, overwrite: bool,
-              progress: CaseProgress) -> tuple[str, str, float, int]:
-    """One entry of the run: a bad case folder, a finished case to skip, or a case to inpaint."""
+def _load_and_prepare(case, predictor) -> tuple[CaseData, object, Stages, float]:
+    """Read a case and, if the predictor has a `prepare` step, prepare it: the prefetch
+    thread's work. Returns (data, prepared or None, the load stage's time, wall seconds)."""
+    start, stages = time.perf_counter(), Stages()
+    with stages.time("load"):
+        data = load_case(case)
+    prepare = getattr(predictor, "prepare", None)
+    prepared = prepare(data) if prepare is not None else None
+    return data, prepared, stages, time.perf_counter() - start
+
+
+def _run_cases(entries, todo: set, predictor, seed: int, out_dir: Path, report_dir, progress: CaseProgress,
+               profile: bool) -> tuple[list, dict[str, Stages]]:
+    """Every entry of the run, in order: (rows, stage times of the cases that ran). While a
+    case is filled, the next one is read and prepared in a background thread."""
+    ahead = [item for case_id, item in entries if case_id in todo]
+    fetched: dict[str, Future] = {}
+    rows, stages = [], {}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brainpaint-prefetch")
+    try:
+        for case_id, item in entries:
+            if case_id in todo:  # this case (unless already under way) and the next
+                n = ahead.index(item)
+                for later in ahead[n : n + 2]:
+                    if later.id not in fetched:
+                        fetched[later.id] = pool.submit(_load_and_prepare, later, predictor)
+            future = fetched[case_id] if case_id in todo else None
+            row = _case_row(case_id, item, future, predictor, seed, out_dir, report_dir, progress, profile)
+            fetched[case_id] = None  # done: let its data go
+            rows.append(row[:4])
+            if row[1] == "ok":
+                stages[case_id] = row[4]
+    finally:  # an interrupted run does not wait for cases it will not fill
+        pool.shutdown(wait=True, cancel_futures=True)
+    return rows, stages
+
+
+def _case_row(case_id: str, item, fetched: Optional[Future], predictor, seed: int, out_dir: Path, report_dir,
+              progress: CaseProgress, profile: bool) -> tuple:
+    """One entry of the run: a bad case folder, a finished case to skip, or a case to inpaint
+    (`fetched`: its `_load_and_prepare`, under way)."""
     remove_stale_temporaries(out_dir, case_id)
     if isinstance(item, CaseError):
         progress.finished(f"error: {item}")
-        return case_id, "failed", 0.0, 0
-    if not overwrite and _done(out_dir, case_id):
+        return case_id, "failed", 0.0, 0, None
+    if fetched is None:
         progress.finished(f"{case_id}: {prediction_name(case_id)} exists, skipped (use --overwrite to recompute)")
-        return case_id, "skipped", 0.0, 0
-    row = _run_case(item, predictor, seed, out_dir, report_dir)
-    progress.finished(f"{case_id}: ok ({row[2]:.1f} s, {row[3]} slices)" if row[1] == "ok" else f"error: {case_id}: {row[4]}")
-    return row[:4]
+        return case_id, "skipped", 0.0, 0, None
+    row = _run_case(item, fetched, predictor, seed, out_dir, report_dir)
+    if row[1] == "ok":
+        progress.finished(f"{case_id}: ok ({row[2]:.1f} s, {row[3]} slices)" + (f"; {row[5].line()}" if profile else ""))
+    else:
+        progress.finished(f"error: {case_id}: {row[4]}")
+    return row[:4] + (row[5],)
 
 
-def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> tuple:
-    """Predict, compose and write one case: (id, "ok"/"failed", seconds, slices, problem)."""
-    start = time.perf_counter()
+def _run_case(case, fetched: Future, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> tuple:
+    """Predict, compose and write one case: (id, "ok"/"failed", seconds, slices, problem, stages).
+    Its seconds are its own: reading and preparing it (in the background) and the rest."""
+    start, stages, before = time.perf_counter(), Stages(), 0.0
     try:
-        data = load_case(case)
-        prediction = predictor(data, case_seed(seed, case.id))
-        output = compose_output(data, prediction)
-        write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
+        data, prepared, stages, before = fetched.result()
+        start = time.perf_counter()
+        seed = case_seed(seed, case.id)
+        prediction = predictor(data, seed) if prepared is None else predictor(data, seed, prepared)
+        stages.merge(prediction.stages)
+        with stages.time("write"):
+            output = compose_output(data, prediction)
+            write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
         if report_dir is not None:
-            _write_reports(data, output, prediction, Path(report_dir))
-        return case.id, "ok", time.perf_counter() - start, int(prediction.slices), ""
+            with stages.time("report"):
+                _write_reports(data, output, prediction, Path(report_dir))
+            _write_stages(data.id, stages, Path(report_dir))
+        return case.id, "ok", before + time.perf_counter() - start, int(prediction.slices), "", stages
     except CaseError as exc:
         problem = exc.problem
     except Exception as exc:  # a crash in one case must not stop the others
         problem = f"{type(exc).__name__}: {one_line(exc)}"
-    return case.id, "failed", time.perf_counter() - start, 0, problem
+    return case.id, "failed", before + time.perf_counter() - start, 0, problem, stages
