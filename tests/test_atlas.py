@@ -6,7 +6,10 @@ import pytest
 from scipy import ndimage
 
 import synth
-from brainpaint.conditioning.atlas import ATLAS_SHAPE, atlas_residual, brain_box, case_atlas, from_canonical, register, to_canonical
+from brainpaint.conditioning import atlas as atlas_module
+from brainpaint.conditioning.atlas import (
+    ATLAS_SHAPE, Placement, atlas_residual, brain_box, case_atlas, from_canonical, register, to_canonical,
+)
 from brainpaint.data.atlas_build import atlas_from_cases, build_atlas
 from brainpaint.io.brats import discover_cases, to_ras
 
@@ -181,3 +184,50 @@ def test_the_atlas_leaves_tumour_brains_out(tmp_path):
     alone = atlas_from_cases([c for c in cases if c.id.startswith("BraTS-SYN")])
     np.testing.assert_array_equal(both, alone)
     assert any("BraTS-GLI-00002-000 holds a tumour" in line for line in said)
+
+
+def test_registration_finds_a_shifted_and_scaled_brain_and_says_it_converged():
+    brain = _lumpy_brain(seed=2)
+    atlas = build_atlas([brain])  # one brain: its box atlas is the brain itself
+    known = brain > 0
+    box = brain_box(known)
+    # Its structure 3 voxels along x, -2 along y, 1 along z and 8 % larger along y, about the
+    # centre, seen through the unmoved brain's outline: the box fit cannot see the change.
+    centre = np.array([(s.start + s.stop - 1) / 2.0 for s in box])
+    A, shift = np.diag([1.0, 1.0 / 1.08, 1.0]), np.array([3.0, -2.0, 1.0])
+    moved = ndimage.affine_transform(brain, A, offset=centre - A @ (centre + shift), order=1) * known
+    placement = register(atlas, moved, np.zeros(brain.shape, bool), known)
+    assert placement.converged and placement.iterations > 0
+    # where the case's voxels land in the atlas: where the unmoved brain's voxels did
+    points = np.argwhere(known)[::50].astype(np.float64)
+    truth = Placement(box).to_atlas((points - centre - shift) @ A.T + centre)  # moved[o] = brain[that]
+    assert np.abs(Placement(box).to_atlas(points) - truth).max(axis=1).mean() > 2.0  # atlas voxels
+    assert np.abs(placement.to_atlas(points) - truth).max(axis=1).mean() < 0.5
+    fitted, boxed = (case_atlas(atlas, moved, np.zeros(brain.shape, bool), known, fit) for fit in ("affine", "box"))
+    assert _corr(fitted, moved, known) > 0.97 > _corr(boxed, moved, known) + 0.05
+
+
+def test_registration_that_runs_out_of_iterations_says_so(monkeypatch):
+    brain = _lumpy_brain(seed=4)
+    atlas = build_atlas([brain])
+    tilted = _rotated(brain, 8.0)
+    monkeypatch.setattr(atlas_module, "REGISTER_MAXITER", 1)
+    placement = register(atlas, tilted, np.zeros(brain.shape, bool), tilted > 0)
+    assert placement is not None and not placement.converged and placement.iterations <= len(atlas_module.REGISTER_LEVELS)
+    assert Placement(brain_box(brain > 0)).converged  # the box fit has nothing to converge
+
+
+def test_the_atlas_is_placed_only_where_it_is_read_with_the_same_values():
+    brain = _lumpy_brain(seed=5)
+    atlas = build_atlas([brain])
+    tilted = _rotated(brain, 6.0)
+    mask = np.zeros(brain.shape, bool)
+    mask[20:32, 30:44, 24:36] = True
+    placement = register(atlas, tilted, mask, tilted > 0)
+    full = atlas_module.place(atlas, placement, brain.shape)
+    region = (slice(19, 33), slice(29, 45), slice(23, 37))
+    np.testing.assert_allclose(atlas_module.place(atlas, placement, brain.shape, region), full[region], atol=1e-6)
+    points = np.argwhere(tilted > 0)[::97]
+    np.testing.assert_allclose(atlas_module.place_at(atlas, placement, points, brain.shape), full[tuple(points.T)], atol=1e-6)
+    box = Placement(brain_box(tilted > 0))
+    np.testing.assert_array_equal(atlas_module.place(atlas, box, brain.shape, region), atlas_module.place(atlas, box, brain.shape)[region])

@@ -1,11 +1,14 @@
 """Batch inference: output contract, per-case fault tolerance, shards, output-folder checks."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import nibabel as nib
 import numpy as np
@@ -388,3 +391,62 @@ def test_cli_infer_harmonic(tmp_path):
     )
     assert result.exit_code == 0, result.output
     _check_output(tmp_path / "data", tmp_path / "out", "a")
+
+
+def test_profile_puts_the_stage_times_in_each_case_line_the_table_and_the_report(tmp_path, capsys):
+    data, out, reports = tmp_path / "data", tmp_path / "out", tmp_path / "reports"
+    for cid in ("a", "b"):
+        synth.write_case(data, cid, labels=False)
+    assert run_infer(HARMONIC, data, out, report_dir=reports, profile=True) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("a: ok ("))
+    assert re.search(r"; load \d+\.\d\d, harmonic \d+\.\d\d, write \d+\.\d\d, report \d+\.\d\d s \[1/2\]$", line), line
+    assert re.search(r"^case +load +harmonic +write +report +total +windows +passes$", err, re.M)
+    assert re.search(r"^median( +\d+\.\d\d){5}$", err, re.M) and "2 cases inpainted in " in err
+    saved = json.loads((reports / "a-stages.json").read_text())
+    assert list(saved["seconds"]) == ["load", "harmonic", "write", "report"] and min(saved["seconds"].values()) >= 0
+    # without --profile the case line is as before
+    assert run_infer(HARMONIC, data, tmp_path / "out2") == 0
+    assert re.search(r"^a: ok \(\d+\.\d s, \d+ slices\) \[1/2\]$", capsys.readouterr().err, re.M)
+
+
+class _Prefetched:
+    """A predictor with a `prepare` step that records where and when things happen."""
+
+    def __init__(self, out):
+        self.out, self.events = out, []
+
+    def prepare(self, data):
+        # what the output folder holds while a case is prepared: finished predictions only
+        names = sorted(p.name for p in self.out.iterdir()) if self.out.exists() else []
+        assert all(n.endswith("-t1n-inference.nii.gz") and not n.startswith(".") for n in names), names
+        for n in names:
+            assert nib.load(str(self.out / n)).get_fdata().shape == data.voided.shape  # complete files
+        self.events.append(("prepare", data.id, threading.current_thread() is threading.main_thread()))
+        return {"id": data.id, "fill": data.voided + 7.0}
+
+    def __call__(self, data, seed, prepared=None):
+        assert prepared is not None and prepared["id"] == data.id
+        self.events.append(("fill", data.id, threading.current_thread() is threading.main_thread()))
+        time.sleep(0.2)  # the network: long enough for the next case to be prepared meanwhile
+        return Prediction(prepared["fill"], slices=1)
+
+
+def test_the_next_case_is_prepared_in_the_background_and_outputs_stay_the_same(tmp_path):
+    data = tmp_path / "data"
+    for cid in ("a", "b", "c"):
+        synth.write_case(data, cid, labels=False)
+    synth.save(synth.make_mask() * 3, synth.write_case(data, "bad", labels=False) / "bad-mask.nii.gz", dtype=np.uint8)
+    prefetched = _Prefetched(tmp_path / "out")
+    assert run_infer(HARMONIC, data, tmp_path / "out", predictor=prefetched) == 1  # the bad case fails alone
+    plain = lambda case_data, seed: Prediction(case_data.voided + 7.0, slices=1)  # noqa: E731
+    assert run_infer(HARMONIC, data, tmp_path / "plain", predictor=plain) == 1
+    assert _names(tmp_path / "out") == _names(tmp_path / "plain") == [prediction_name(c) for c in ("a", "b", "c")]
+    for name in _names(tmp_path / "out"):
+        assert _read(tmp_path / "out" / name)[0].tobytes() == _read(tmp_path / "plain" / name)[0].tobytes()
+    events = prefetched.events
+    assert [e for e in events if e[0] == "fill"] == [("fill", c, True) for c in ("a", "b", "c")]
+    assert all(not on_main for kind, _, on_main in events if kind == "prepare")  # the background thread
+    # b is prepared before a's fill ends, c before b's: one case ahead, never more
+    assert events.index(("prepare", "b", False)) < events.index(("fill", "b", True))
+    assert events.index(("prepare", "c", False)) > events.index(("fill", "a", True))

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from brainpaint.errors import CaseError
-from brainpaint.conditioning.geometry import box_size, crop, full_slice_box, mask_box, paste, patch_shape
+from brainpaint.conditioning.geometry import (
+    box_size, crop, full_slice_box, mask_box, paste, patch_shape, slices_per_window, window_boxes,
+)
 
 
 def _brain(x0, x1, y0, y1, shape=(240, 240, 4)):
@@ -122,3 +124,25 @@ def test_crop_and_paste_of_a_3d_box_reaching_past_the_grid():
     back = paste(patch, box, np.zeros_like(volume))
     np.testing.assert_array_equal(back[:3, 4:, 1:6], volume[:3, 4:, 1:6])
     assert back.sum() == volume[:3, 4:, 1:6].sum()
+
+
+def test_each_slice_is_filled_by_the_fewest_windows_whose_cores_hold_its_mask():
+    mask = np.zeros((240, 240, 6), bool)
+    mask[40:70, 40:70, 0] = True  # one corner of the union: one window
+    mask[150:180, 150:180, 1] = True  # the opposite corner: another
+    mask[40:180, 100:110, 2] = True  # a long bar along x: two windows
+    mask[40:180, 40:180, 4] = True  # all of it: all four
+    boxes = window_boxes(mask, 128, margin=16)
+    assert len(boxes) == 4
+    per_window = slices_per_window(mask, boxes, margin=16)
+    chosen = {z: [i for i, zs in enumerate(per_window) if z in zs] for z in range(6)}
+    assert [len(chosen[z]) for z in range(6)] == [1, 1, 2, 0, 4, 0]
+    for z in (0, 1, 2, 4):  # every mask voxel at least 16 voxels inside a window that fills its slice
+        points = np.argwhere(mask[:, :, z])
+        inside = [np.all([(points[:, k] >= boxes[i][k].start + 16) & (points[:, k] < boxes[i][k].stop - 16)
+                          for k in range(2)], axis=0) for i in chosen[z]]
+        assert np.logical_or.reduce(inside).all()
+    # margins wider than the windows' overlap: voxels in no core are filled by every window holding them
+    wide = slices_per_window(mask, boxes, margin=60)
+    assert all(4 in zs for zs in wide)
+    assert slices_per_window(mask, boxes[:1], margin=16) == [[0, 1, 2, 4]]  # one window: wherever it holds mask

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 import synth
-from brainpaint.conditioning.harmonic import harmonic_fill
+from scipy.sparse.linalg import spsolve
+
+from brainpaint.conditioning import harmonic
+from brainpaint.conditioning.harmonic import harmonic_fill, laplacian_system
 
 
 def _ball(shape, centre, radius):
@@ -77,3 +80,17 @@ def test_empty_mask_and_errors():
         harmonic_fill(vol, np.zeros((2, 2, 2), bool))
     with pytest.raises(ValueError, match="whole volume"):
         harmonic_fill(vol, np.ones(vol.shape, bool))
+
+
+def test_the_fill_solves_only_the_box_around_the_mask_with_the_values_of_the_whole_grid():
+    """`harmonic_fill` builds the system of the mask's box grown by one voxel: the same system,
+    so the same values, as the whole grid's (also where the mask reaches the grid's edge)."""
+    rng = np.random.default_rng(3)
+    volume = rng.uniform(10, 200, (30, 26, 22)).astype(np.float32)
+    for box in [(slice(8, 17), slice(5, 14), slice(9, 20)), (slice(0, 7), slice(18, 26), slice(0, 22))]:
+        mask = np.zeros(volume.shape, bool)
+        mask[box] = rng.random(mask[box].shape) > 0.2
+        A, b, flat = laplacian_system(volume, mask)  # the whole grid's system, solved directly
+        whole = spsolve(A.tocsc(), b)
+        np.testing.assert_allclose(harmonic_fill(volume, mask)[mask], whole, rtol=1e-5)
+    assert harmonic.mask_support(mask) == (slice(0, 8), slice(17, 26), slice(0, 22))  # clipped at the grid's edges

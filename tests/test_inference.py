@@ -3,6 +3,7 @@ determinism, ensembles, samplers, post-filter, and `brainpaint infer` end to end
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import nibabel as nib
 import numpy as np
@@ -100,13 +101,13 @@ def test_ensemble_is_the_mean_of_its_members_and_its_std_their_spread(weights, c
     drawn = [rng.uniform(-1.2, 1.2, (len(zs), 48, 48)).astype(np.float32) for _ in range(3)]
     calls = []
 
-    def sample_slices(cond_, seed, member, keys=None):
+    def sample_slices(cond_, seed, member, keys=None):  # a batch of slices, named (window, z)
         calls.append((seed, member))
-        return drawn[member]
+        return np.stack([drawn[member][zs.index(z)] for _, z in keys])
 
     monkeypatch.setattr(inpainter, "sample_slices", sample_slices)
     pred = inpainter(case_data, seed=3)
-    assert calls == [(3, 0), (3, 1), (3, 2)]
+    assert sorted(set(calls)) == [(3, 0), (3, 1), (3, 2)] and calls == sorted(calls)
     mask = case_data.mask
     # Each member's fill in [0, 1] (prior "none": image = (x0 + 1) / 2, clipped), at the mask voxels.
     members = np.stack([
@@ -378,9 +379,10 @@ def test_a_case_fills_the_same_whichever_way_round_it_is_stored(tmp_path, case_d
     real = inpainter.sample_slices
     inpainter.sample_slices = lambda cond, *a, **k: seen.append(cond) or real(cond, *a, **k)
     inpainter(case_data, seed=0)
-    def first(data):  # the conditioning of the first window that holds mask voxels
-        conds = (inpainter.conditioning(data, box=box)[3] for box, _ in inpainter.windows(data))
-        return next(c for c in conds if c is not None)
+    def first(data):  # the conditioning of the first batch of the (window, slice) pairs filled
+        vin = inpainter.volume_inputs(data)
+        pairs = [(box, z) for box, _, zs in inpainter.plan(data) for z in zs][: len(seen[0])]
+        return np.stack([inpainter.layout.build(vin, z, box) for box, z in pairs])
 
     np.testing.assert_array_equal(seen[0], first(ras))  # the RAS slices, not the stored ones
     assert not np.array_equal(seen[0], first(case_data))
@@ -428,3 +430,29 @@ def test_weights_of_the_affine_fit_register_their_atlas_onto_each_case(tmp_path)
     filled = affine(case_data, seed=0).volume
     np.testing.assert_array_equal(filled[~case_data.mask], case_data.voided[~case_data.mask])
     assert np.abs(filled - box(case_data, seed=0).volume).max() > 0.1
+
+
+def test_a_batch_prepares_each_case_ahead_times_its_stages_and_fills_as_one_case_alone(tmp_path, capsys):
+    """`run_infer` prepares the next case in a background thread (`DiffusionInpainter.prepare`):
+    the predictions are those of each case filled alone, and `--profile` names every stage
+    (the affine fit's registration included) and counts the network's windows and passes."""
+    from brainpaint.infer.batch import case_seed, run_infer
+
+    atlas = build_atlas([synth.make_brain(seed=3)])
+    w = write_weights(tmp_path / "w.safetensors", crop_size=16, prior="harmonic", prediction="x0", seed=7, mirror=True,
+                      context_slices=1, atlas=atlas, atlas_fit="affine")
+    ids = ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000", "BraTS-GLI-00003-000"]
+    for k, cid in enumerate(ids):
+        synth.write_case(tmp_path / "data", cid, seed=k, labels=False, radius=4 + k)
+    inpainter = make(w, temperature=0.0, steps=1)
+    assert run_infer(inpainter.cfg, tmp_path / "data", tmp_path / "out", predictor=inpainter, profile=True) == 0
+    err = capsys.readouterr().err
+    for cid in ids:
+        data = load_case(next(c for c in discover_cases(tmp_path / "data")[0] if c.id == cid))
+        alone = make(w, temperature=0.0, steps=1)(data, seed=case_seed(0, cid)).volume
+        written = np.asanyarray(nib.load(str(tmp_path / "out" / f"{cid}-t1n-inference.nii.gz")).dataobj)
+        np.testing.assert_array_equal(written[data.mask], np.rint(alone[data.mask]).astype(written.dtype))
+        line = next(x for x in err.splitlines() if x.startswith(f"{cid}: ok ("))
+        names = re.findall(r"(?:; |, )([a-z]+) \d+\.\d\d", line)
+        assert names == ["load", "intensity", "harmonic", "midline", "registration", "conditioning", "network", "write"], line
+        assert re.search(r"network \d+\.\d\d \(\d+ windows, \d+ passes\)", line), line

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from safetensors import safe_open
 
 import synth
@@ -383,3 +384,23 @@ def test_official_metrics_on_the_mask_box_equal_the_whole_volume():
     for pred in (harmonic_fill(voided, mask), np.where(mask, gt * rng.uniform(0.7, 1.3, shape), gt)):
         whole = official_metrics(pred, gt, voided, mask, crop=False)
         assert official_metrics(pred, gt, voided, mask) == whole
+
+
+def test_the_midline_of_every_shift_at_once_is_the_best_single_shift():
+    """`midline_shift` (all shifts by FFT) picks the shift a direct pass per shift would."""
+    rng = np.random.default_rng(7)
+    picked = []
+    for offset in (-3, 2, 5):
+        field = ndimage.gaussian_filter(rng.standard_normal((48, 40, 40)), 3.0)
+        brain = np.roll(field + field[::-1], offset, axis=0) + 0.5 * ndimage.gaussian_filter(rng.standard_normal(field.shape), 2.0)
+        known = rng.random(brain.shape) > 0.3
+        vol, k = brain[:, ::2, ::2].astype(np.float32), known[:, ::2, ::2]
+        scores = {}
+        for shift in range(-8, 9):
+            both = k & geometry.mirror_x(k, shift)
+            a, b = vol[both], geometry.mirror_x(vol, shift)[both]
+            a, b = a - a.mean(), b - b.mean()
+            scores[shift] = float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+        picked.append(geometry.midline_shift(brain, known, max_shift=8))
+        assert picked[-1] == max(scores, key=scores.get)
+    assert picked == [6, -4, -8]  # -2 * offset, the last one beyond the search: its edge

@@ -94,6 +94,9 @@ def infer(
         help=_help("Write QA PNGs (and std maps) here, outside the predictions.", "no reports"),
     ),
     overwrite: bool = typer.Option(False, help="Recompute cases whose output already exists (otherwise they are skipped)."),
+    profile: bool = typer.Option(
+        False, help="Add each case's stage times to its line and print a table of them at the end (stderr)."
+    ),
 ) -> None:
     """Inpaint every case under DATA_PATH into OUTPUT_PATH/<ID>-t1n-inference.nii.gz.
 
@@ -115,7 +118,7 @@ def infer(
             "infer.weights": str(weights) if weights else None,
         },
     )
-    code = run_infer(cfg, data_path, output_path, shard=shard, report_dir=report_path, overwrite=overwrite)
+    code = run_infer(cfg, data_path, output_path, shard=shard, report_dir=report_path, overwrite=overwrite, profile=profile)
     raise typer.Exit(code)
 
 

@@ -25,6 +25,7 @@ import math
 from typing import Optional
 
 import numpy as np
+from scipy import fft as sp_fft
 
 from brainpaint.errors import CaseError
 
@@ -195,6 +196,42 @@ def window_boxes(mask3d: np.ndarray, size: int, margin: int = 16, overlap: int |
     return [(slice(x, x + size), slice(y, y + size)) for x in starts[0] for y in starts[1]]
 
 
+def _within(points: np.ndarray, box: Box, margin: int) -> np.ndarray:
+    """Which in-plane `points` [N, 2] lie inside `box` less `margin` voxels on every side."""
+    return np.all([(points[:, k] >= box[k].start + margin) & (points[:, k] < box[k].stop - margin) for k in range(2)], axis=0)
+
+
+def slices_per_window(mask3d: np.ndarray, boxes: list[Box], margin: int) -> list[list[int]]:
+    """For each in-plane window (`window_boxes`), the slices z that need it.
+
+    On each slice, the fewest windows (chosen greedily, most uncovered voxels first) whose
+    cores, the window less `margin` voxels on every side, hold all of the slice's mask voxels:
+    every voxel is then filled at least `margin` voxels from some window's edge, as on the
+    whole grid of windows, but a slice whose mask lies in one window's core is filled once.
+    A voxel in no core (margins wider than the windows' overlap allows) is filled by every
+    window that holds it. One window: every slice where it holds mask voxels.
+    """
+    mask3d = np.asarray(mask3d, dtype=bool)
+    if len(boxes) == 1:
+        return [[int(z) for z in np.flatnonzero(crop(mask3d, boxes[0]).any(axis=(0, 1)))]]
+    out: list[list[int]] = [[] for _ in boxes]
+    for z in np.flatnonzero(mask3d.any(axis=(0, 1))):
+        points = np.argwhere(mask3d[:, :, z])
+        cores = [_within(points, box, margin) for box in boxes]
+        todo, chosen = np.ones(len(points), bool), set()
+        while todo.any():
+            gains = [-1 if i in chosen else int((core & todo).sum()) for i, core in enumerate(cores)]
+            best = int(np.argmax(gains))
+            if gains[best] <= 0:
+                break
+            chosen.add(best)
+            todo &= ~cores[best]
+        chosen |= {i for i, box in enumerate(boxes) if todo.any() and (_within(points, box, 0) & todo).any()}
+        for i in sorted(chosen):
+            out[i].append(int(z))
+    return out
+
+
 def window_weight(size: int) -> np.ndarray:
     """Blending weight of one window [size, size]: 1 over the middle half, falling linearly to
     1 / (size / 4) at the edges, so every voxel a window covers has some weight."""
@@ -234,19 +271,28 @@ def midline_shift(volume: np.ndarray, known: np.ndarray, max_shift: int = MAX_MI
     sides (`known`: brain outside the region to fill), on a grid subsampled by 2 in y and z,
     for every integer shift in [-max_shift, max_shift] (the midline plane to half a voxel).
     Fewer than 1000 common voxels, or a flat volume, give 0: the grid's centre (said in `notes`).
+
+    Every shift at once: with K the known voxels and v the volume, the sums the correlation
+    needs at shift s are convolutions along x taken at X - 1 - s (count K*K, sum Kv*K, sum of
+    squares Kv²*K, cross term Kv*Kv; the mirrored side's sums equal the direct side's), so
+    three FFTs along x replace a pass over the volume per shift.
     """
-    vol = np.asarray(volume, dtype=np.float32)[:, ::2, ::2]
-    known = np.asarray(known, dtype=bool)[:, ::2, ::2]
+    vol = np.asarray(volume, dtype=np.float64)[:, ::2, ::2]
+    k = np.asarray(known, dtype=bool)[:, ::2, ::2].astype(np.float64)
+    n = vol.shape[0]
+    size = sp_fft.next_fast_len(2 * n - 1, real=True)
+    kf, vf, sf = (sp_fft.rfft(a, size, axis=0) for a in (k, k * vol, k * vol * vol))
+    total = lambda a, b: sp_fft.irfft((a * b).sum(axis=(1, 2)), size)  # noqa: E731
+    count, first, square, cross = total(kf, kf), total(vf, kf), total(sf, kf), total(vf, vf)
     best, best_shift = -np.inf, 0
     for shift in range(-max_shift, max_shift + 1):
-        both = known & mirror_x(known, shift)
-        if both.sum() < 1000:
+        at = n - 1 - shift
+        if not 0 <= at < size or round(count[at]) < 1000:
             continue
-        a, b = vol[both], mirror_x(vol, shift)[both]
-        a, b = a - a.mean(), b - b.mean()
-        denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
-        if denom > 0 and float((a * b).sum()) / denom > best:
-            best, best_shift = float((a * b).sum()) / denom, shift
+        spread = square[at] - first[at] ** 2 / count[at]
+        # FFT sums carry rounding: a spread within it of zero is a flat volume, no contrast to match
+        if spread > 1e-9 * square[at] and (cross[at] - first[at] ** 2 / count[at]) / spread > best:
+            best, best_shift = (cross[at] - first[at] ** 2 / count[at]) / spread, shift
     if best == -np.inf and notes is not None:
         notes.append("midline not found (under 1000 brain voxels known on both sides at every shift, or no "
                      "contrast there): the mirror channels reflect about the grid's centre")

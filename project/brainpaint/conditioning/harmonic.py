@@ -63,6 +63,13 @@ def laplacian_system(volume: np.ndarray, mask: np.ndarray) -> tuple[sparse.csr_m
     return (sparse.diags(degree) - adjacency).tocsr(), rhs, flat
 
 
+def mask_support(mask: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of a non-empty `mask` grown by one voxel (within the grid): every voxel
+    a harmonic fill of the mask reads, so filling that box alone gives the same values."""
+    idx = np.argwhere(mask)
+    return tuple(slice(max(int(lo) - 1, 0), min(int(hi) + 2, n)) for lo, hi, n in zip(idx.min(0), idx.max(0), mask.shape))
+
+
 def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL, notes: Optional[list[str]] = None) -> np.ndarray:
     """Return a float32 copy of `volume` whose voxels inside `mask` solve Laplace's equation with
     the voxels outside as boundary values; voxels outside the mask are unchanged. A solve that
@@ -76,7 +83,8 @@ def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL, note
         return out
     if mask.all():
         raise ValueError("the mask covers the whole volume: there is nothing to fill from")
-    A, b, flat = laplacian_system(volume, mask)
+    support = mask_support(mask)  # the system of the mask's box is the system of the grid
+    A, b, flat = laplacian_system(volume[support], mask[support])
     # Start from the mean boundary value: b sums the known neighbours of each unknown, and
     # degree minus unknown neighbours counts them.
     diag = A.diagonal()
@@ -91,5 +99,5 @@ def harmonic_fill(volume: np.ndarray, mask: np.ndarray, rtol: float = RTOL, note
         how = f"after {info} iterations" if info > 0 else "on a breakdown"
         notes.append(f"harmonic fill of {b.size} voxels did not converge: the solver stopped {how} at relative "
                      f"residual {residual:.1e} (tolerance {rtol:g}); its last iterate is used")
-    out[mask] = u.astype(np.float32)  # boolean indexing walks voxels in C order, like `flat`
+    out[support][mask[support]] = u.astype(np.float32)  # boolean indexing walks voxels in C order, like `flat`
     return out

@@ -17,6 +17,7 @@ from brainpaint.conditioning.atlas import atlas_residual
 from brainpaint.conditioning.geometry import midline_shift
 from brainpaint.conditioning.harmonic import harmonic_fill
 from brainpaint.conditioning.intensity import IntensityMap
+from brainpaint.stages import Stages
 
 
 @dataclass
@@ -59,7 +60,8 @@ class PriorCache:
 
 
 def volume_inputs(
-    voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optional[PriorCache] = None, atlas: Optional[np.ndarray] = None
+    voided: np.ndarray, mask: np.ndarray, data_cfg, known: Optional[PriorCache] = None, atlas: Optional[np.ndarray] = None,
+    stages: Optional[Stages] = None,
 ) -> VolumeInputs:
     """Normalise a voided volume and build the conditioning volume `b`.
 
@@ -71,29 +73,34 @@ def volume_inputs(
     (`model.atlas`) its residual over its own harmonic fill is computed
     (`atlas.atlas_residual`), and `data.atlas_gain` times it is added to the fill in `b`.
     `known` passes a fill, midline or atlas residual computed before (training caches,
-    repeated scoring of the same case). Fallbacks on the way are listed in `VolumeInputs.notes`.
+    repeated scoring of the same case). Fallbacks on the way are listed in `VolumeInputs.notes`;
+    `stages` times each step (`brainpaint.stages`).
     """
-    known, notes = known or PriorCache(), []
+    stages, known, notes = Stages.of(stages), known or PriorCache(), []
     mask = np.asarray(mask, dtype=bool)
     voided = np.asarray(voided, dtype=np.float32)
-    imap = IntensityMap.fit(voided)
+    with stages.time("intensity"):
+        imap = IntensityMap.fit(voided)
+        normal = imap.normalize(voided)
     if data_cfg.prior == "harmonic" and mask.any():
-        if known.fill is None:
-            filled = harmonic_fill(voided, mask, notes=notes)
-        else:
-            filled = voided.copy()
-            filled[mask] = known.fill
-        b = imap.normalize(filled)
+        with stages.time("harmonic"):
+            if known.fill is None:
+                filled = harmonic_fill(voided, mask, notes=notes)
+            else:
+                filled = voided.copy()
+                filled[mask] = known.fill
+            b = imap.normalize(filled)
     else:
-        b = imap.normalize(voided)
+        b = normal.copy()
         b[mask] = 0.0
     shift = None
     if data_cfg.mirror:
-        shift = midline_shift(voided, (voided != 0) & ~mask, notes=notes) if known.shift is None else int(known.shift)
+        with stages.time("midline"):
+            shift = midline_shift(voided, (voided != 0) & ~mask, notes=notes) if known.shift is None else int(known.shift)
     residual = None
     if atlas is not None:
         if known.atlas is None:
-            residual = _case_atlas_residual(atlas, voided, mask, imap, data_cfg.atlas_fit, notes)
+            residual = atlas_residual(atlas, normal, mask, (voided != 0) | mask, data_cfg.atlas_fit, notes=notes, stages=stages)
         else:
             residual = np.zeros(mask.shape, np.float32)
             residual[mask] = known.atlas
@@ -107,7 +114,7 @@ def _case_atlas_residual(
 ) -> np.ndarray:
     """`atlas.atlas_residual` of a voided volume: its known voxels on the network scale, its brain
     the non-zero voxels and the mask, the atlas placed by `fit` (`data.atlas_fit`)."""
-    return atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask, fit, notes)
+    return atlas_residual(atlas, imap.normalize(voided), mask, (voided != 0) | mask, fit, notes=notes)
 
 
 def prior_cache(

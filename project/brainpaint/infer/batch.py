@@ -22,18 +22,29 @@ Without `shard`, a run under torchrun (RANK/WORLD_SIZE) takes shard RANK/WORLD_S
 
 Resuming: a case whose prediction already exists is skipped (unless `overwrite`); a temporary
 file left in the output folder by a killed run is removed when its case comes up again.
+
+Overlap: while the predictor fills one case, the next case to inpaint is read and, for a
+predictor with a `prepare` step (the diffusion model's harmonic fill, midline and atlas
+registration), prepared in one background thread, so reading and preparing cost no time of
+their own. Cases are still written one at a time, in order, each atomically.
+
+Timing: every case's stages (`brainpaint.stages`: load, intensity, harmonic, midline,
+registration, conditioning, network, write) are measured; `profile` adds them to the per-case
+line and prints a table of them at the end, and a report folder gets `<ID>-stages.json`.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import hashlib
+import json
 import os
 import re
 import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -46,9 +57,10 @@ from brainpaint.infer.prediction import Prediction, Predictor
 from brainpaint.infer.predictors import make_predictor
 from brainpaint.infer.progress import CaseProgress, show_sampling_steps
 from brainpaint.infer.report import write_qa_report
-from brainpaint.io.atomic import temp_owner
+from brainpaint.io.atomic import temp_owner, write_text
 from brainpaint.io.brats import CaseData, cast_to_dtype, discover_cases, load_case, prediction_name, warn, write_nifti_atomic
 from brainpaint.model.weights_path import resolve_weights
+from brainpaint.stages import STAGES, Stages
 
 
 def case_seed(base_seed: int, case_id: str) -> int:
@@ -171,6 +183,15 @@ class CaseRow:
     warnings: list[str] = field(default_factory=list)
     problem: str = ""  # FAILED, INTERNAL: one line
     traceback: str = ""  # INTERNAL
+    stages: Optional[Stages] = None  # OK: where its seconds went
+
+
+def _write_stages(case_id: str, stages: Stages, report_dir: Path) -> None:
+    """`<ID>-stages.json` in the report folder: the case's stage seconds and counts."""
+    try:
+        write_text(report_dir / f"{case_id}-stages.json", json.dumps(stages.as_dict(), indent=1) + "\n")
+    except OSError as exc:
+        warn(f"{case_id}: stage times not written: {one_line(exc)}")
 
 
 def print_summary(rows: list[CaseRow], stream=None) -> None:
@@ -197,6 +218,26 @@ def exit_status(rows: list[CaseRow]) -> int:
     return EXIT_INTERNAL if INTERNAL in statuses else EXIT_FAILED if FAILED in statuses else 0
 
 
+def print_stage_table(stages: dict[str, Stages], wall: float, stream=None) -> None:
+    """The stage seconds of every case that ran (one row each, `other` the rest of its seconds),
+    their medians, and the run's wall time per case (cases overlap: see the module doc)."""
+    stream = stream or sys.stderr
+    if not stages:
+        return
+    seen = [name for st in stages.values() for name in st.names()]
+    names = [s for s in STAGES if s in seen] + list(dict.fromkeys(s for s in seen if s not in STAGES)) + ["total"]
+    width = max(len("case"), *(len(c) for c in stages))
+    print(f"{'case':<{width}}  " + "  ".join(f"{n:>12}" for n in names) + "  windows  passes", file=stream)
+    table = {cid: [st.seconds.get(n, 0.0) for n in names[:-1]] + [sum(st.seconds.values())] for cid, st in stages.items()}
+    for cid, row in table.items():
+        counts = stages[cid].counts
+        print(f"{cid:<{width}}  " + "  ".join(f"{v:>12.2f}" for v in row)
+              + f"  {counts.get('windows', 0):>7d}  {counts.get('passes', 0):>6d}", file=stream)
+    median = np.median(np.array(list(table.values())), axis=0)
+    print(f"{'median':<{width}}  " + "  ".join(f"{v:>12.2f}" for v in median), file=stream)
+    print(f"{len(stages)} cases inpainted in {wall:.1f} s wall, {wall / len(stages):.2f} s per case", file=stream)
+
+
 def run_infer(
     cfg: Config,
     data_dir: str | Path,
@@ -205,10 +246,12 @@ def run_infer(
     report_dir: Optional[str | Path] = None,
     overwrite: bool = False,
     predictor: Optional[Predictor] = None,
+    profile: bool = False,
 ) -> int:
     """Inpaint every case under `data_dir` into `out_dir`; returns the process exit code
     (0 all good, 1 some case failed on its input, 2 the run could not start, 3 some case hit an
-    internal error). `predictor` overrides `make_predictor(cfg)` (tests, custom methods).
+    internal error). `predictor` overrides `make_predictor(cfg)` (tests, custom methods);
+    `profile` prints every case's stage times.
 
     Everything that can stop the whole run is checked before the output folder is created or
     touched: the shard, the data folder, and the predictor (weights, device), which is built
@@ -225,12 +268,15 @@ def run_infer(
         return EXIT_SETUP
     for line in settings_lines(cfg, predictor if todo else None):
         print(line, file=sys.stderr)
+    start = time.perf_counter()
     with CaseProgress(len(entries), "infer") as progress:
         if todo and progress.enabled:
             show_sampling_steps(predictor)
-        rows = [_case_row(case_id, item, predictor, cfg.infer.seed, out_dir, report_dir, overwrite, progress)
-                for case_id, item in entries]
+        rows = _run_cases(entries, {case.id for case in todo}, predictor, cfg.infer.seed, out_dir, report_dir,
+                          progress, profile)
     rows.sort(key=lambda r: r.id)
+    if profile:
+        print_stage_table({r.id: r.stages for r in rows if r.status == OK}, time.perf_counter() - start)
     print_summary(rows)
     return exit_status(rows)
 
@@ -284,21 +330,57 @@ def _entries(data_dir: Path, out_dir: Path, shard: Optional[str], report_dir) ->
     return entries
 
 
-def _case_row(case_id: str, item, predictor, seed: int, out_dir: Path, report_dir, overwrite: bool,
-              progress: CaseProgress) -> CaseRow:
-    """One entry of the run: a bad case folder, a finished case to skip, or a case to inpaint."""
+def _load_and_prepare(case, predictor) -> tuple[CaseData, object, Stages, float]:
+    """Read a case and, if the predictor has a `prepare` step, prepare it: the prefetch
+    thread's work. Returns (data, prepared or None, the load stage's time, wall seconds)."""
+    start, stages = time.perf_counter(), Stages()
+    with stages.time("load"):
+        data = load_case(case)
+    prepare = getattr(predictor, "prepare", None)
+    prepared = prepare(data) if prepare is not None else None
+    return data, prepared, stages, time.perf_counter() - start
+
+
+def _run_cases(entries, todo: set, predictor, seed: int, out_dir: Path, report_dir, progress: CaseProgress,
+               profile: bool) -> list[CaseRow]:
+    """Every entry of the run, in order. While a case is filled, the next one is read and
+    prepared in a background thread."""
+    ahead = [item for case_id, item in entries if case_id in todo]
+    fetched: dict[str, Optional[Future]] = {}
+    rows = []
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="brainpaint-prefetch")
+    try:
+        for case_id, item in entries:
+            if case_id in todo:  # this case (unless already under way) and the next
+                n = ahead.index(item)
+                for later in ahead[n : n + 2]:
+                    if later.id not in fetched:
+                        fetched[later.id] = pool.submit(_load_and_prepare, later, predictor)
+            future = fetched[case_id] if case_id in todo else None
+            rows.append(_case_row(case_id, item, future, predictor, seed, out_dir, report_dir, progress, profile))
+            fetched[case_id] = None  # done: let its data go
+    finally:  # an interrupted run does not wait for cases it will not fill
+        pool.shutdown(wait=True, cancel_futures=True)
+    return rows
+
+
+def _case_row(case_id: str, item, fetched: Optional[Future], predictor, seed: int, out_dir: Path, report_dir,
+              progress: CaseProgress, profile: bool) -> CaseRow:
+    """One entry of the run: a bad case folder, a finished case to skip, or a case to inpaint
+    (`fetched`: its `_load_and_prepare`, under way)."""
     remove_stale_temporaries(out_dir, case_id)
     if isinstance(item, CaseError):
         progress.finished(f"error: {item}")
         return CaseRow(case_id, FAILED)
-    if not overwrite and _done(out_dir, case_id):
+    if fetched is None:
         progress.finished(f"{case_id}: {prediction_name(case_id)} exists, skipped (use --overwrite to recompute)")
         return CaseRow(case_id, SKIPPED)
-    row = _run_case(item, predictor, seed, out_dir, report_dir)
+    row = _run_case(item, fetched, predictor, seed, out_dir, report_dir)
     if row.status == OK:
         count = len(row.warnings)
         warned = f", {count} warning{'s' * (count > 1)}" if count else ""
-        progress.finished(f"{case_id}: ok ({row.seconds:.1f} s, {row.slices} slices{warned})")
+        timed = f"; {row.stages.line()}" if profile and row.stages is not None else ""
+        progress.finished(f"{case_id}: ok ({row.seconds:.1f} s, {row.slices} slices{warned}){timed}")
         for line in row.warnings:
             progress.say(f"warning: {case_id}: {line}")
     elif row.status == FAILED:
@@ -309,23 +391,34 @@ def _case_row(case_id: str, item, predictor, seed: int, out_dir: Path, report_di
     return row
 
 
-def _run_case(case, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> CaseRow:
+def _run_case(case, fetched: Future, predictor: Predictor, seed: int, out_dir: Path, report_dir) -> CaseRow:
     """Predict, compose and write one case. Its input's problems (CaseError, and OSError such
     as a full disk) fail the case in one line; any other exception is an internal error, with
-    its traceback. The prediction is written last, so a case that fails leaves none."""
-    start = time.perf_counter()
+    its traceback. The prediction is written last, so a case that fails leaves none. Its
+    seconds are its own: reading and preparing it (in the background) and the rest."""
+    start, before = time.perf_counter(), 0.0
     try:
-        data = load_case(case)
-        prediction = predictor(data, case_seed(seed, case.id))
-        output = compose_output(data, prediction)
+        data, prepared, stages, before = fetched.result()
+        start = time.perf_counter()
+        seed = case_seed(seed, case.id)
+        prediction = predictor(data, seed) if prepared is None else predictor(data, seed, prepared)
+        if prediction.stages is not None:
+            stages.merge(prediction.stages)
+        with stages.time("write"):
+            output = compose_output(data, prediction)
         if report_dir is not None:
-            _write_reports(data, output, prediction, Path(report_dir))
-        write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
-        return CaseRow(case.id, OK, time.perf_counter() - start, int(prediction.slices), list(prediction.warnings))
+            with stages.time("report"):
+                _write_reports(data, output, prediction, Path(report_dir))
+            _write_stages(data.id, stages, Path(report_dir))
+        with stages.time("write"):
+            write_nifti_atomic(output, data.header, data.affine, out_dir / prediction_name(case.id), data.dtype)
+        return CaseRow(case.id, OK, before + time.perf_counter() - start, int(prediction.slices),
+                       list(prediction.warnings), stages=stages)
     except CaseError as exc:
-        return CaseRow(case.id, FAILED, time.perf_counter() - start, problem=exc.problem)
+        return CaseRow(case.id, FAILED, before + time.perf_counter() - start, problem=exc.problem)
     except OSError as exc:
-        return CaseRow(case.id, FAILED, time.perf_counter() - start, problem=f"{type(exc).__name__}: {one_line(exc)}")
+        return CaseRow(case.id, FAILED, before + time.perf_counter() - start,
+                       problem=f"{type(exc).__name__}: {one_line(exc)}")
     except Exception as exc:  # a bug: reported as one, with its traceback; the other cases still run
-        return CaseRow(case.id, INTERNAL, time.perf_counter() - start, problem=f"{type(exc).__name__}: {one_line(exc)}",
-                       traceback=traceback.format_exc().rstrip())
+        return CaseRow(case.id, INTERNAL, before + time.perf_counter() - start,
+                       problem=f"{type(exc).__name__}: {one_line(exc)}", traceback=traceback.format_exc().rstrip())

@@ -25,6 +25,7 @@ path; `ddim` (or respaced `ddpm`) with few steps is the fast default.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -45,6 +46,7 @@ from brainpaint.io.brats import from_ras, warn
 from brainpaint.model.devices import select_device
 from brainpaint.model.weights import WEIGHTS_FILE_ERRORS, load_model
 from brainpaint.model.weights_path import resolve_weights
+from brainpaint.stages import Stages
 
 
 def _setting(cfg: Config, key: str):
@@ -109,11 +111,21 @@ class DiffusionInpainter:
         # The population atlas the weights carry (`model.atlas`), for the atlas channel.
         self.atlas = self.model.atlas.detach().float().cpu().numpy() if self.model_cfg.model.atlas else None
 
-    def volume_inputs(self, data) -> VolumeInputs:
+    def volume_inputs(self, data, stages: Optional[Stages] = None) -> VolumeInputs:
         """`dataset.volume_inputs` of a case in RAS axes (`CaseData.in_ras`, as are the methods
         below): its harmonic fill and midline if known in advance (`known_priors`, also RAS),
-        and the weights' atlas."""
-        return volume_inputs(data.voided, data.mask, self.data_cfg, self.known_priors.get(data.id), self.atlas)
+        and the weights' atlas; `stages` times its steps."""
+        return volume_inputs(data.voided, data.mask, self.data_cfg, self.known_priors.get(data.id), self.atlas, stages)
+
+    def prepare(self, data) -> "PreparedCase":
+        """Everything of a case before the network (turned to RAS, its `volume_inputs`), with
+        its stage times: `batch.run_infer` prepares the next case while the network fills this one."""
+        stages = Stages()
+        with stages.time("load"):  # turning the arrays is part of reading the case
+            ras = data.in_ras()
+        if not np.asarray(ras.mask, dtype=bool).any():
+            raise CaseError(data.id, "mask is empty: nothing to inpaint")
+        return PreparedCase(data.id, ras, self.volume_inputs(ras, stages), stages)
 
     # ------------------------------------------------------------------ geometry
     def slice_box(self, data) -> tuple[slice, slice]:
@@ -149,6 +161,13 @@ class DiffusionInpainter:
         boxes = geometry.window_boxes(mask, size, margin=self.infer.crop_margin)
         return [(box, geometry.window_weight(size)) for box in boxes]
 
+    def plan(self, data) -> list[tuple[tuple[slice, slice], Optional[np.ndarray], list[int]]]:
+        """(box, blending weight, slices) of every window (`windows`): on each slice only the
+        fewest windows whose cores hold its mask voxels (`geometry.slices_per_window`)."""
+        windows = self.windows(data)
+        zs = geometry.slices_per_window(data.mask, [box for box, _ in windows], self.infer.crop_margin)
+        return [(box, weight, z) for (box, weight), z in zip(windows, zs)]
+
     # ------------------------------------------------------------------ sampling
     def sample_slices(self, cond: np.ndarray, seed: int, member: int, keys: Optional[list] = None) -> np.ndarray:
         """`sampling.sample_slices` of conditioned slices [N, C, H, W] -> x0 [N, H, W] with this
@@ -172,51 +191,84 @@ class DiffusionInpainter:
         cond = np.stack([self.layout.build(vin, z, box) for z in zs])
         return zs, vin, box, cond
 
-    def fill(self, data, vin, seed: int, member: int) -> np.ndarray:
+    def fill(self, data, vin, seed: int, member: int, stages: Optional[Stages] = None) -> np.ndarray:
         """One member's fill of the mask voxels ([0, 1] scale, the volume's C order); slice z of
-        window w draws its noise from the key (w, z)."""
+        window w draws its noise from the key (w, z). The (window, slice) pairs of `plan` go
+        through the network `infer.batch_slices` at a time, across windows, each batch's
+        conditioning cut out just before it runs."""
+        stages = Stages.of(stages)
         mask = np.asarray(data.mask, dtype=bool)
         total = np.zeros(mask.shape, np.float32)
         weights = np.zeros(mask.shape, np.float32)
-        for w, (box, weight) in enumerate(self.windows(data)):
-            zs, _, _, cond = self.conditioning(data, vin, box)
-            if not zs:
-                continue
-            x0 = self.sample_slices(cond, seed, member, keys=[(w, z) for z in zs])
-            images = decode_sample(x0, cond[:, self.layout.index("b")], self.data_cfg.prior)
-            weight = np.ones(images.shape[1:], np.float32) if weight is None else weight
-            for i, z in enumerate(zs):
-                for target, values in ((total, weight * images[i]), (weights, weight)):
-                    plane = geometry.crop(target[:, :, z], box) + values
-                    geometry.paste(plane, box, target[:, :, z], where=mask[:, :, z])
+        plan = self.plan(data)
+        pairs = [(w, z) for w, (_, _, zs) in enumerate(plan) for z in zs]
+        batch = self.infer.batch_slices or max(len(pairs), 1)
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start : start + batch]
+            with stages.time("conditioning"):
+                cond = np.stack([self.layout.build(vin, z, plan[w][0]) for w, z in chunk])
+            with stages.time("network"):
+                x0 = self.sample_slices(cond, seed, member, keys=[(w, z) for w, z in chunk])
+                stages.count("windows", len(chunk))  # slice windows, and the network's forward passes
+                stages.count("passes", self.infer.steps * (2 if self.infer.flip_average else 1))
+                images = decode_sample(x0, cond[:, self.layout.index("b")], self.data_cfg.prior)
+                for (w, z), image in zip(chunk, images):
+                    box, weight = plan[w][0], plan[w][1]
+                    weight = np.ones(image.shape, np.float32) if weight is None else weight
+                    for target, values in ((total, weight * image), (weights, weight)):
+                        plane = geometry.crop(target[:, :, z], box) + values
+                        geometry.paste(plane, box, target[:, :, z], where=mask[:, :, z])
         return total[mask] / weights[mask]
 
-    def __call__(self, data, seed: int) -> Prediction:
-        """The prediction of a case, in its own array order (filled in RAS axes)."""
-        pred = self.predict_ras(data.in_ras(), seed)
-        back = lambda a: None if a is None else from_ras(a, data.affine)  # noqa: E731
-        return Prediction(volume=back(pred.volume), std=back(pred.std), slices=pred.slices, warnings=pred.warnings)
+    def __call__(self, data, seed: int, prepared: Optional["PreparedCase"] = None) -> Prediction:
+        """The prediction of a case, in its own array order (filled in RAS axes); `prepared` is
+        its `prepare` if done before (else it is done here). The prediction carries the stage
+        times and the conditioning's fallbacks as warnings."""
+        if prepared is None:
+            prepared = self.prepare(data)
+        elif prepared.case_id != data.id:
+            raise ValueError(f"inputs prepared for {prepared.case_id} given with case {data.id}")
+        pred = self.predict_ras(prepared.ras, seed, prepared.vin, prepared.stages)
+        with prepared.stages.time("write"):  # turning the result back is part of writing it
+            back = lambda a: None if a is None else from_ras(a, data.affine)  # noqa: E731
+            return Prediction(volume=back(pred.volume), std=back(pred.std), slices=pred.slices,
+                              warnings=pred.warnings, stages=prepared.stages)
 
     @torch.inference_mode()
-    def predict_ras(self, data, seed: int) -> Prediction:
-        """The prediction of a case given in RAS axes, in RAS axes."""
+    def predict_ras(self, data, seed: int, vin: Optional[VolumeInputs] = None, stages: Optional[Stages] = None) -> Prediction:
+        """The prediction of a case given in RAS axes, in RAS axes (`vin` its `volume_inputs`
+        if computed before; `stages` times the steps)."""
+        stages = Stages.of(stages)
         mask = np.asarray(data.mask, dtype=bool)
         if not mask.any():
             raise CaseError(data.id, "mask is empty: nothing to inpaint")
-        vin = self.volume_inputs(data)
+        vin = self.volume_inputs(data, stages) if vin is None else vin
         # Normalised volume: known voxels from the voided image; each member fills the mask.
         base = vin.imap.normalize(data.voided)
         members = np.empty((self.infer.ensemble, int(mask.sum())), dtype=np.float32)
         for k in range(members.shape[0]):
-            members[k] = self.fill(data, vin, seed, k)
+            members[k] = self.fill(data, vin, seed, k, stages)
 
-        mean = base.copy()
-        mean[mask] = members.mean(axis=0)
-        mean = smooth_in_mask(mean, mask, self.infer.smoothing_sigma, self.infer.smoothing_border)
-        volume = np.array(data.voided, dtype=np.float32, copy=True)
-        volume[mask] = vin.imap.denormalize(np.clip(mean[mask], 0.0, 1.0))
+        with stages.time("network"):  # the members' mean, filtered, on the input scale
+            mean = base.copy()
+            mean[mask] = members.mean(axis=0)
+            mean = smooth_in_mask(mean, mask, self.infer.smoothing_sigma, self.infer.smoothing_border)
+            volume = np.array(data.voided, dtype=np.float32, copy=True)
+            volume[mask] = vin.imap.denormalize(np.clip(mean[mask], 0.0, 1.0))
         std = None
         if members.shape[0] > 1:
             std = np.zeros(mask.shape, dtype=np.float32)
             std[mask] = members.std(axis=0) * np.float32(vin.imap.hi - vin.imap.lo)
-        return Prediction(volume=volume, std=std, slices=int(mask.any(axis=(0, 1)).sum()), warnings=list(vin.notes))
+        return Prediction(volume=volume, std=std, slices=int(mask.any(axis=(0, 1)).sum()), warnings=list(vin.notes),
+                          stages=stages)
+
+
+@dataclass
+class PreparedCase:
+    """A case made ready for the network (`DiffusionInpainter.prepare`): its id, the case in
+    RAS axes, its volume inputs and the stage times so far."""
+
+    case_id: str
+    ras: object  # CaseData in RAS axes
+    vin: VolumeInputs
+    stages: Stages

@@ -8,6 +8,7 @@ import numpy as np
 
 from brainpaint.conditioning.harmonic import harmonic_fill
 from brainpaint.io.brats import CaseData
+from brainpaint.stages import Stages
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Prediction:
     # Where the fill fell back on something else (registration, solver, midline), one line each:
     # the batch run prints them in the case's line, the summary and the QA report.
     warnings: list[str] = field(default_factory=list)
+    stages: Optional[Stages] = None  # where the case's seconds went (`brainpaint.stages`), if timed
 
 
 Predictor = Callable[[CaseData, int], Prediction]
@@ -26,5 +28,7 @@ Predictor = Callable[[CaseData, int], Prediction]
 def harmonic_predictor(data: CaseData, seed: int) -> Prediction:
     """The classical fill (deterministic; `seed` is unused)."""
     notes: list[str] = []
-    volume = harmonic_fill(data.voided, data.mask, notes=notes)
-    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()), warnings=notes)
+    stages = Stages()
+    with stages.time("harmonic"):
+        volume = harmonic_fill(data.voided, data.mask, notes=notes)
+    return Prediction(volume=volume, std=None, slices=int(data.mask.any(axis=(0, 1)).sum()), warnings=notes, stages=stages)
