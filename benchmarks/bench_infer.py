@@ -49,16 +49,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `brainpaint infer` runs torch (predictors.make_predictor)
 
-from brainpaint.infer.batch import case_seed, compose_output
-from brainpaint.io.brats import CaseData, discover_cases, load_case, write_nifti_atomic
-from brainpaint.config.settings import Config
-from brainpaint.evaluate import official_metrics, stripe_index
-from brainpaint.infer.inpainter import DiffusionInpainter
-from brainpaint.model.weights_path import resolve_weights
-from brainpaint.stages import STAGES
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from brainpaint.infer.batch import case_seed, compose_output  # noqa: E402
+from brainpaint.io.brats import CaseData, discover_cases, load_case, write_nifti_atomic  # noqa: E402
+from brainpaint.config.settings import Config  # noqa: E402
+from brainpaint.evaluate import official_metrics, stripe_index  # noqa: E402
+from brainpaint.infer.inpainter import DiffusionInpainter  # noqa: E402
+from brainpaint.model.weights_path import resolve_weights  # noqa: E402
+from brainpaint.stages import STAGES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "healthy-t1"
