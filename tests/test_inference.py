@@ -456,3 +456,25 @@ def test_a_batch_prepares_each_case_ahead_times_its_stages_and_fills_as_one_case
         names = re.findall(r"(?:; |, )([a-z]+) \d+\.\d\d", line)
         assert names == ["load", "intensity", "harmonic", "midline", "registration", "conditioning", "network", "write"], line
         assert re.search(r"network \d+\.\d\d \(\d+ windows, \d+ passes\)", line), line
+
+
+def test_the_brats_size_benchmark_builds_its_cases_and_skips_loudly_without_the_scans(tmp_path, capsys):
+    bench = synth.load_benchmark("bench_infer")
+    assert bench.main(["--brats-size", "--brats18", str(tmp_path / "absent")]) == 0
+    assert "SKIPPED" in capsys.readouterr().err
+    # a glioma brain in the layout of ../shared/data/brats18-t1: its tumour and a healthy mask voided
+    subject = tmp_path / "brats18" / "Brats18_X_1"
+    subject.mkdir(parents=True)
+    brain = synth.make_brain((48, 48, 40), seed=2)
+    tumour = synth.make_mask((48, 48, 40), centre=(16, 24, 20), radius=5).astype(bool)
+    synth.save(brain.round(), subject / "Brats18_X_1_t1.nii.gz", dtype=np.int16)
+    synth.save(tumour, subject / "Brats18_X_1_seg.nii.gz", dtype=np.uint8)
+    folder = bench.build_brats_size_case(tmp_path / "brats18", "Brats18_X_1", tmp_path / "val", total_cm3=3.0,
+                                         min_healthy_cm3=0.5)
+    data = load_case(discover_cases(tmp_path / "val", labels=True)[0][0], labels=True)
+    assert folder.name == data.id == "BraTS-SIZE-Brats18-X-1"
+    grown = ndimage.binary_dilation(tumour, iterations=2) & (brain > 0)  # the files' own array order
+    assert data.mask.sum() >= 3000 and data.mask_healthy.sum() >= 500
+    np.testing.assert_array_equal(data.mask & ~data.mask_healthy, grown)  # the tumour, voided too, not scored
+    assert not (data.mask_healthy & ndimage.binary_dilation(grown, iterations=2)).any()  # clear of it
+    np.testing.assert_array_equal(data.voided[data.mask], 0)

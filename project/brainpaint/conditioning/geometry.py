@@ -275,18 +275,24 @@ def midline_shift(volume: np.ndarray, known: np.ndarray, max_shift: int = MAX_MI
     Every shift at once: with K the known voxels and v the volume, the sums the correlation
     needs at shift s are convolutions along x taken at X - 1 - s (count K*K, sum Kv*K, sum of
     squares Kv²*K, cross term Kv*Kv; the mirrored side's sums equal the direct side's), so
-    three FFTs along x replace a pass over the volume per shift.
+    three FFTs along x (over the known voxels' box) replace a pass over the volume per shift.
     """
-    vol = np.asarray(volume, dtype=np.float64)[:, ::2, ::2]
-    k = np.asarray(known, dtype=bool)[:, ::2, ::2].astype(np.float64)
-    n = vol.shape[0]
-    size = sp_fft.next_fast_len(2 * n - 1, real=True)
+    known = np.asarray(known, dtype=bool)[:, ::2, ::2]
+    n = known.shape[0]
+    if not known.any():
+        return 0
+    # Only the known voxels' box counts; along x its start x0 moves every convolution by 2 x0.
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(known))
+    k = known[box].astype(np.float64)
+    vol = np.asarray(volume, dtype=np.float64)[:, ::2, ::2][box]
+    vol = vol - vol[k > 0].mean()  # centred: the sums below then cancel less
+    size = sp_fft.next_fast_len(2 * k.shape[0] - 1, real=True)
     kf, vf, sf = (sp_fft.rfft(a, size, axis=0) for a in (k, k * vol, k * vol * vol))
     total = lambda a, b: sp_fft.irfft((a * b).sum(axis=(1, 2)), size)  # noqa: E731
     count, first, square, cross = total(kf, kf), total(vf, kf), total(sf, kf), total(vf, vf)
     best, best_shift = -np.inf, 0
     for shift in range(-max_shift, max_shift + 1):
-        at = n - 1 - shift
+        at = n - 1 - shift - 2 * box[0].start
         if not 0 <= at < size or round(count[at]) < 1000:
             continue
         spread = square[at] - first[at] ** 2 / count[at]

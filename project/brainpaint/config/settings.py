@@ -337,9 +337,10 @@ class InferConfig(_Section):
     # the conditional mean, which the challenge metrics reward; 1 draws samples (ensembles, std maps).
     temperature: float = setting(0.0, ge=0)
     # Average each slice's fill with the fill of the left-right mirrored slice, mirrored back
-    # (the training flip, `data.flip_prob`, at test time): twice the network calls, a slightly
-    # better conditional mean (README, results).
-    flip_average: bool = True
+    # (the training flip, `data.flip_prob`, at test time). Off: twice the network calls for
+    # -0.02 to +0.02 dB and +-0.0001 SSIM on the healthy, tumour and BraTS-size validation
+    # cases (docs/RESULTS.md, CPU speed), not worth its time.
+    flip_average: bool = False
     bf16: bool = True  # autocast on CUDA only
     seed: int = 0
     weights: Optional[str] = None  # safetensors file; None = the workspace's shipped weights
