@@ -175,7 +175,7 @@ def path_settings(name: str, faithful_steps: int) -> dict:
         return {"infer.sampler": "ddim", "infer.steps": int(name[5:]), "infer.temperature": 0.0, "infer.eta": 0.0,
                 "infer.ensemble": 1}
     return {"infer.sampler": "ddpm", "infer.steps": faithful_steps, "infer.batch_slices": 16, "infer.bf16": False,
-            "infer.ensemble": 1, "infer.repaint": False, "infer.noise_correlation": 0.0, "infer.temperature": 1.0,
+            "infer.ensemble": 1, "infer.temperature": 1.0,
             "infer.smoothing_sigma": 1.075}
 
 
