@@ -73,6 +73,14 @@ def warn_overridden(cfg: Config, weights_cfg: Config, weights) -> list[str]:
 # less time on them, with the same values to 1e-5 (docs/RESULTS.md, CPU speed).
 CPU_CHANNELS_LAST = True
 
+def cpu_computes_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the query
+        return False
+
+
 # Sampler steps of eps-prediction weights when the parameters leave `infer.steps` at its default
 # (1, the conditional mean of x0/v weights): one step from x_T = 0 cannot reach it through eps.
 EPS_STEPS = 16
@@ -190,8 +198,13 @@ class DiffusionInpainter:
 
     # ------------------------------------------------------------------ sampling
     def _autocast_dtype(self) -> Optional[torch.dtype]:
-        """bf16 for the network on CUDA (the diffusion arithmetic stays float32); never on CPU."""
-        return torch.bfloat16 if self.device.type == "cuda" and self.infer.bf16 else None
+        """bf16 for the network (the diffusion arithmetic stays float32) with `infer.bf16`: on
+        CUDA, and on a CPU that computes bf16 natively (AVX512-BF16 or AMX; others would emulate
+        it, slower than float32)."""
+        if not self.infer.bf16:
+            return None
+        native = self.device.type == "cuda" or (self.device.type == "cpu" and cpu_computes_bf16())
+        return torch.bfloat16 if native else None
 
     def sample_slices(self, cond: np.ndarray, seed: int, member: int, keys: Optional[list] = None) -> np.ndarray:
         """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space).
