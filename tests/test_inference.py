@@ -132,13 +132,15 @@ def test_temperature_zero_is_one_deterministic_fill_whatever_the_seed(weights, c
 
 @pytest.mark.slow
 def test_batching_does_not_change_independent_slices(weights, case_data):
-    one_batch = make(weights, batch_slices=0)(case_data, seed=2).volume
-    per_slice = make(weights, batch_slices=1)(case_data, seed=2).volume
+    # float32: bf16 (CUDA, and CPUs that compute it natively) rounds batched convolutions
+    # differently, which sampled steps of an untrained network amplify
+    one_batch = make(weights, batch_slices=0, bf16=False)(case_data, seed=2).volume
+    per_slice = make(weights, batch_slices=1, bf16=False)(case_data, seed=2).volume
     # Each slice draws its own noise stream however slices are batched; only the float rounding
     # of batched convolutions differs (below 1e-4 of the ~1000 intensity range, where other
     # noise would move voxels by hundreds).
     np.testing.assert_allclose(one_batch, per_slice, atol=0.1)
-    assert np.abs(one_batch - make(weights, batch_slices=1)(case_data, seed=3).volume).max() > 10
+    assert np.abs(one_batch - make(weights, batch_slices=1, bf16=False)(case_data, seed=3).volume).max() > 10
 
 
 # --------------------------------------------------------------------------- 2.5D conditioning

@@ -231,7 +231,8 @@ def test_each_task_as_mlcube_calls_it_is_a_valid_brainpaint_command(cube, task):
         command = group.get_command(None, cli_argv[0])
         context = command.make_context(cli_argv[0], cli_argv[1:])  # raises on unknown or missing options
         given = {k: v for k, v in context.params.items() if v is not None}
-        assert len([a for a in cli_argv[1:] if a.startswith("--")]) == len([k for k in given if k not in ("overwrite", "resume", "profile")])
+        flags = ("overwrite", "resume", "profile")  # off unless given
+        assert len([a for a in cli_argv[1:] if a.startswith("--")]) == len([k for k in given if k not in flags])
         assert (given.get("device") == "cpu") == (not use_gpu and task != "evaluate")
 
 

@@ -285,8 +285,14 @@ def place(atlas: np.ndarray, placement: Placement, shape: tuple[int, ...], regio
         return full if region is None else full[region]
     region = tuple(slice(0, n) for n in shape) if region is None else region
     size = tuple(s.stop - s.start for s in region)
-    points = np.indices(size, dtype=np.float32).reshape(3, -1).T + np.array([s.start for s in region], np.float32)
-    return _sample(atlas, placement.to_atlas(points)).reshape(size).astype(np.float32)
+    # `to_atlas` of the region's voxels: an affine map of a regular grid, so a sum of one line
+    # per axis (broadcast) instead of a product with every voxel's coordinates.
+    scale, offset = placement._scale()
+    coords = np.broadcast_to((placement.t * scale + offset)[:, None, None, None], (3, *size)).copy()
+    for axis, sl in enumerate(region):
+        line = np.arange(sl.start, sl.stop, dtype=np.float64).reshape([-1 if a == axis else 1 for a in range(3)])
+        coords += (placement.A[:, axis] * scale)[:, None, None, None] * line
+    return ndimage.map_coordinates(atlas, coords.reshape(3, -1), order=1, mode="nearest").reshape(size).astype(np.float32)
 
 
 def place_at(atlas: np.ndarray, placement: Placement, points: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -34,19 +34,22 @@ def run_settings(inf: InferConfig, prediction: str, steps_chosen: bool) -> Infer
 
 
 def sample_slices(diffusion, model: nn.Module, cond: np.ndarray, inf: InferConfig, prior: str, device: torch.device,
-                  seed: int, member: int = 0, keys: Optional[list] = None, channels_last: bool = False) -> np.ndarray:
+                  seed: int, member: int = 0, keys: Optional[list] = None, channels_last: bool = False,
+                  autocast: Optional[torch.dtype] = None) -> np.ndarray:
     """Denoise a stack of conditioned slices [N, C, H, W] -> x0 [N, H, W] (diffusion space),
     sampled as `inf` says, with the target encoding of `prior` (`data.prior`).
 
     `keys` name the slices (tuples of ints, default (index,)): slice i draws its noise from the
     seed (seed, member, keys[i]), whatever batch it lands in. `channels_last` feeds the network
-    channels-last tensors (faster on the CPU with a channels-last model).
+    channels-last tensors (faster on the CPU with a channels-last model); `autocast` is the
+    network's dtype (default: bf16 on CUDA with `infer.bf16`, else float32).
     """
     n = cond.shape[0]
     keys = keys if keys is not None else [(i,) for i in range(n)]
     batch = inf.batch_slices or n
     noise = SliceNoise(seed, member, device)
-    autocast = torch.bfloat16 if device.type == "cuda" and inf.bf16 else None  # the diffusion arithmetic stays float32
+    if autocast is None and device.type == "cuda" and inf.bf16:
+        autocast = torch.bfloat16  # the network only: the diffusion arithmetic stays float32
     out = np.empty((n,) + cond.shape[2:], dtype=np.float32)
     for start in range(0, n, batch):
         chunk = torch.from_numpy(np.ascontiguousarray(cond[start : start + batch])).to(device)

@@ -70,7 +70,6 @@ def warn_overridden(cfg: Config, weights_cfg: Config, weights) -> list[str]:
 # less time on them, with the same values to 1e-5 (docs/RESULTS.md, CPU speed).
 CPU_CHANNELS_LAST = True
 
-
 def eps_steps(cfg: Config, weights_cfg: Config, weights):
     """The infer settings to run (`sampling.run_settings`): `cfg.infer`, with EPS_STEPS steps for
     eps weights unless the parameters chose the steps (said in one line)."""
@@ -180,11 +179,16 @@ class DiffusionInpainter:
         return [(box, weight, z) for (box, weight), z in zip(windows, zs)]
 
     # ------------------------------------------------------------------ sampling
+    def _autocast_dtype(self) -> Optional[torch.dtype]:
+        """bf16 for the network on CUDA with `infer.bf16` (the diffusion arithmetic stays float32); never on CPU."""
+        return torch.bfloat16 if self.device.type == "cuda" and self.infer.bf16 else None
+
     def sample_slices(self, cond: np.ndarray, seed: int, member: int, keys: Optional[list] = None) -> np.ndarray:
         """`sampling.sample_slices` of conditioned slices [N, C, H, W] -> x0 [N, H, W] with this
         predictor's network, diffusion and settings."""
         return sample_slices(self.diffusion, self.model, cond, self.infer, self.data_cfg.prior, self.device, seed, member,
-                             keys, channels_last=self.channels_last)
+                             keys, channels_last=self.channels_last,
+                             autocast=self._autocast_dtype())
 
     # ------------------------------------------------------------------ one case
     def conditioning(self, data, vin=None, box=None):
